@@ -1,6 +1,7 @@
 """Forward+backward of the NCA loss from hidden states: every implementation, one run, one method.
 
     python benchmarks/run.py --device cpu --quick --out benchmarks/results/cpu_quick.json --plot benchmarks/results/cpu_quick.png
+    python benchmarks/run.py --foundation --out benchmarks/results/cpu_foundation.json --md benchmarks/results/cpu_foundation.md
     python benchmarks/run.py --device cuda --time-budget 300 --skip "ours[torch" --out benchmarks/results/bench_h100.json --plot benchmarks/results/bench_h100.png
 
 Per case and implementation: peak bytes (benchmarks/memory.py), median milliseconds (CPU:
@@ -422,14 +423,15 @@ def foundation_summary(rows: list[dict]) -> dict:
         r = found.get(name)
         if not r or r.get("status") != "ok":
             continue
-        out[name] = {"peak_vs_naive": r.get("peak_vs_naive"), "peak_target": peak_t,
-                     "time_vs_matmuls": r.get("time_vs_matmuls"), "time_target": time_t,
-                     "pass": bool(r.get("peak_vs_naive", 1) <= peak_t and r.get("time_vs_matmuls", 9) <= time_t)}
+        peak, ratio = r.get("peak_vs_naive"), r.get("time_vs_matmuls")
+        out[name] = {"peak_vs_naive": peak, "peak_target": peak_t, "time_vs_matmuls": ratio, "time_target": time_t,
+                     "pass": peak is not None and ratio is not None and peak <= peak_t and ratio <= time_t}
     if out:
         print("\nissue-2 targets at the foundation case (peak/naive, time/three matmuls):")
         for name, s in out.items():
-            print(f"  {name:<24} peak {s['peak_vs_naive']:.3f} (<= {s['peak_target']}), "
-                  f"time {s['time_vs_matmuls']:.2f}x (<= {s['time_target']}x): {'PASS' if s['pass'] else 'FAIL'}")
+            print(f"  {name:<24} peak {fmt(s['peak_vs_naive'], '.3f')} (<= {s['peak_target']}), "
+                  f"time {fmt(s['time_vs_matmuls'], '.2f')}x (<= {s['time_target']}x): "
+                  f"{'PASS' if s['pass'] else 'FAIL'}")
     return out
 
 
@@ -470,6 +472,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one repetition: checks the harness")
     ap.add_argument("--headline", action="store_true",
                     help="only the headline case (H=4096, V=128256, 4x4x1024, bf16) and the fit search")
+    ap.add_argument("--foundation", action="store_true",
+                    help="only the foundation case (H=512, V=32000, 2x4x512, fp32) with its targets")
     ap.add_argument("--only", nargs="*", help="implementations whose names contain one of these")
     ap.add_argument("--skip", nargs="*", help="leave out implementations whose names contain one of these")
     ap.add_argument("--no-fit", action="store_true", help="skip the GPU largest-fit search")
@@ -507,7 +511,10 @@ def main(argv=None) -> dict:
     opts = peers.Options(compile_peers=not compile_off)
     start = time.monotonic()
     deadline = start + args.time_budget if args.time_budget else float("inf")
-    cases = [HEADLINE] if args.headline else sweep(args.device, args.quick, args.smoke)
+    if args.headline or args.foundation:
+        cases = [HEADLINE] if args.headline else [FOUNDATION]
+    else:
+        cases = sweep(args.device, args.quick, args.smoke)
 
     result = {
         "device": device_name(device), "device_type": device.type,

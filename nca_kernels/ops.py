@@ -142,18 +142,19 @@ class GroupedNCALoss(torch.autograd.Function):
         model_rewards = torch.zeros(b, k, dtype=acc, device=hidden.device)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         rows = rowchunk.rows_per_chunk(weight)
+        chunks = list(_prompt_chunks(tokens, k, b, rows))
+        width = min(rows, max(t1 - t0 for *_, t0, t1 in chunks))
+        work = torch.empty(width, weight.shape[0], dtype=hidden.dtype, device=hidden.device)  # reused
 
-        for p0, p1, t0, t1 in _prompt_chunks(tokens, k, b, rows):
+        for p0, p1, t0, t1 in chunks:
             subs = [slice(s0, min(t1, s0 + rows)) for s0 in range(t0, t1, rows)]
+            keep = len(subs) == 1  # one sub-chunk holds the group: its buffer serves the gradient
             lse = torch.empty(t1 - t0, dtype=acc, device=hidden.device)
-            tgt = torch.empty_like(lse)
-            kept = None
-            for s in subs:  # forward statistics; the buffer is kept when one sub-chunk holds the group
-                buf = rowchunk.logits_chunk(hidden2d, weight, bias, tokens.index[s])
+            tgt, shift = torch.empty_like(lse), None
+            for s in subs:  # forward statistics
+                buf = rowchunk.logits_chunk(hidden2d, weight, bias, tokens.index[s], work)
                 local = slice(s.start - t0, s.stop - t0)
-                lse[local], tgt[local] = be.logits_forward(buf, None, tokens.targets[s])
-                kept = buf if len(subs) == 1 else None
-                del buf
+                lse[local], tgt[local], shift = rowchunk.chunk_stats_(be, buf, tokens.targets[s], keep)
             seq_logps = torch.zeros(b * k, dtype=acc, device=hidden.device)
             seq_logps.index_add_(0, tokens.seq[t0:t1], (tgt - lse) * tokens.scale[t0:t1])
             chunk_policy = seq_logps.view(b, k)[p0:p1]
@@ -163,12 +164,11 @@ class GroupedNCALoss(torch.autograd.Function):
             policy[p0:p1], model_rewards[p0:p1], total = chunk_policy, rew, total + part
             grad_tok = g.reshape(-1)[tokens.seq[t0:t1] - p0 * k] * tokens.scale[t0:t1]
             for s in subs:  # gradients from the kept buffer, or from recomputed sub-chunks
-                buf, kept = (kept, None) if kept is not None else (
-                    rowchunk.logits_chunk(hidden2d, weight, bias, tokens.index[s]), None)
+                if not keep:
+                    buf = rowchunk.logits_chunk(hidden2d, weight, bias, tokens.index[s], work)
                 local = slice(s.start - t0, s.stop - t0)
                 rowchunk.chunk_grads_(be, buf, hidden2d, weight, tokens.index[s], tokens.targets[s], lse[local],
-                                      grad_tok[local], dhidden, dweight, dbias)
-                del buf
+                                      shift, grad_tok[local], dhidden, dweight, dbias)
         ctx.save_for_backward(
             None if dhidden is None else dhidden.view_as(hidden), dweight,
             None if dbias is None else dbias.to(weight.dtype),

@@ -1,8 +1,8 @@
 """Linear passes built from a backend's logits passes and matmuls (cuBLAS on GPU).
 
 - Row chunks of full-vocabulary logits (at most the group byte budget) for the group-chunked
-  fused loss: ``logits_chunk`` makes one, ``chunk_grads_`` turns it in place into
-  ``grad_tok * (onehot - softmax)`` with ``be.logits_backward`` and adds ``dH``, ``dW``, ``db``.
+  fused loss: ``logits_chunk`` makes one, ``chunk_stats_`` reduces it, ``chunk_grads_`` turns it
+  in place into ``grad_tok * (onehot - softmax)`` and adds ``dH``, ``dW``, ``db``.
 - (tokens x vocab) tiles (at most the tile byte budget) for the minimal-memory linear passes of
   backends whose fused kernels are slower than the matmuls (``cuda``; ``triton`` by default).
 
@@ -27,15 +27,34 @@ def rows_per_chunk(weight: torch.Tensor) -> int:
     return max(1, config.group_budget(weight.device) // ((v + 2 * h) * weight.element_size()))
 
 
-def logits_chunk(hidden2d, weight, bias, index) -> torch.Tensor:
-    """``hidden2d[index] @ weight.T + bias``: ``(len(index), V)`` in the input dtype."""
-    out = hidden2d.index_select(0, index) @ weight.t()
+def logits_chunk(hidden2d, weight, bias, index, out=None) -> torch.Tensor:
+    """``hidden2d[index] @ weight.T + bias``: ``(len(index), V)`` in the input dtype, into ``out``
+    (rows ``[:len(index)]`` of a reused buffer) when given."""
+    h = hidden2d.index_select(0, index)
+    out = torch.mm(h, weight.t()) if out is None else torch.mm(h, weight.t(), out=out[: h.shape[0]])
     return out if bias is None else out.add_(bias)
 
 
-def chunk_grads_(be, buf, hidden2d, weight, index, targets, lse, grad_tok, dhidden, dweight, dbias) -> None:
-    """Turn ``buf`` (the logits of rows ``index``) into their gradient and add dH, dW, db."""
-    dl = be.logits_backward(buf, None, targets, lse, grad_tok, True)
+def chunk_stats_(be, buf, targets, keep) -> tuple:
+    """``(lse, target_logit, shift)`` of the rows of ``buf``. With ``keep`` (``buf`` serves the
+    gradient next) and a backend that has ``logits_exp_`` for ``buf``'s dtype, ``buf`` becomes
+    ``exp(buf - shift)``, so the gradient needs no second exp; otherwise ``shift`` is None and
+    ``buf`` is unchanged. (16-bit buffers keep their logits: their exp would lose the statistics'
+    float32 accuracy.)"""
+    if keep and hasattr(be, "logits_exp_") and buf.dtype == accum_dtype(buf.dtype):
+        return be.logits_exp_(buf, targets)
+    return (*be.logits_forward(buf, None, targets), None)
+
+
+def chunk_grads_(be, buf, hidden2d, weight, index, targets, lse, shift, grad_tok, dhidden, dweight,
+                 dbias) -> None:
+    """Turn ``buf`` (the logits of rows ``index``, or their ``exp(logits - shift)`` when ``shift`` is
+    given, see :func:`chunk_stats_`) into their gradient in place and add dH, dW, db."""
+    if shift is None:
+        dl = be.logits_backward(buf, None, targets, lse, grad_tok, True)
+    else:  # -g * softmax is a row scaling of exp(logits - shift); then the one-hot part
+        dl = buf.mul_((grad_tok * torch.exp(shift - lse)).neg_()[:, None])
+        dl.scatter_add_(1, targets[:, None], grad_tok[:, None])
     if dbias is not None:
         dbias += dl.sum(0, dtype=dbias.dtype)
     if dhidden is not None:

@@ -146,6 +146,23 @@ def logits_forward(logits2d, index, targets):
     return lse, tgt
 
 
+def logits_exp_(logits2d, targets):
+    """In place on float32/float64 logits ``(N, V)``: ``logits2d <- exp(logits2d - shift)``, with
+    ``shift`` the row max. Returns ``(lse, target_logit, shift)``, each ``(N,)``. One exp pass serves
+    forward and gradient: the group-chunked path then only scales rows (:func:`rowchunk.chunk_grads_`)."""
+    n, v = logits2d.shape
+    lse = torch.empty(n, dtype=logits2d.dtype, device=logits2d.device)
+    shift = torch.empty_like(lse)
+    tgt = logits2d.gather(1, targets[:, None]).squeeze(1)
+    starts, rows = _row_chunks(n, v, logits2d.device)
+    for r0 in starts:
+        x = logits2d[r0:r0 + rows]
+        m = x.amax(1)
+        shift[r0:r0 + rows] = m
+        lse[r0:r0 + rows] = x.sub_(m[:, None]).exp_().sum(1).log_().add_(m)
+    return lse, tgt, shift
+
+
 def logits_backward(logits2d, index, targets, lse, grad_tok, inplace):
     acc = accum_dtype(logits2d.dtype)
     n = logits2d.shape[0] if index is None else index.numel()

@@ -15,7 +15,10 @@ Statistics come back in the accumulation dtype (float32, float64 for float64 inp
   gradient in the logits dtype, zero outside index; with ``inplace`` it overwrites logits2d.
 
 A backend module may also define ``available(device) -> str | None`` (None when usable, else the
-reason) used by ``"auto"`` and by the error raised when a backend is asked for but unusable.
+reason) used by ``"auto"`` and by the error raised when a backend is asked for but unusable, and
+``logits_exp_(logits2d, targets) -> (lse, target_logit, shift)``, which leaves float32/float64
+logits as ``exp(logits - shift)`` so that the group-chunked path needs one exp pass, not two (worth
+it where exp is compute bound, on CPU; on GPU it would add a write pass over the buffer).
 """
 
 from __future__ import annotations

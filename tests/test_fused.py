@@ -150,16 +150,37 @@ def test_module_matches_function():
     assert "nca_pair" in repr(module)
 
 
-@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("recompute,group", [(True, None), (False, None), (False, 1 << 30)])
 @pytest.mark.parametrize("loss_type", ["infonca", "nca"])
-def test_gradcheck_fused_nca_loss(recompute, loss_type, small_tiles):
+def test_gradcheck_fused_nca_loss(recompute, group, loss_type, small_tiles):
+    """``group=1 << 30``: whole prompt groups in one buffer, which turns from forward statistics into
+    the gradient (``logits_exp_``); otherwise sub-chunks that are recomputed."""
     batch = make_batch(b=2, k=3, t=5, h=6, v=19, bias=True, empty_seq=2)
-    assert torch.autograd.gradcheck(
-        lambda h, w, bias: nk.fused_nca_loss(h, w, batch.labels, batch.rewards, batch.ref_logps, beta=0.5,
-                                             alpha=0.2, loss_type=loss_type, bias=bias, recompute=recompute,
-                                             backend="torch"),
-        tuple(batch.leaves()),
-    )
+    with nk.chunk_bytes(group=group):
+        assert torch.autograd.gradcheck(
+            lambda h, w, bias: nk.fused_nca_loss(h, w, batch.labels, batch.rewards, batch.ref_logps, beta=0.5,
+                                                 alpha=0.2, loss_type=loss_type, bias=bias, recompute=recompute,
+                                                 backend="torch"),
+            tuple(batch.leaves()),
+        )
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("scale", [1.0, 3e3])
+def test_group_buffer_kept(device, backend, scale):
+    """``recompute=False`` at the default budgets: each prompt group's logits buffer serves forward
+    and gradient (on CPU through ``logits_exp_``); against float64, also with logits ~1e4."""
+    batch = make_batch(b=3, k=4, t=9, h=12, v=37, bias=True, device=device, empty_seq=1, scale=scale)
+    kw = dict(beta=0.1, alpha=0.1, loss_type="nca")
+
+    def fn(b):
+        return nk.fused_nca_loss(b.hidden, b.weight, b.labels, b.rewards, b.ref_logps, bias=b.bias,
+                                 recompute=False, backend=backend, **kw)
+
+    def ref_fn(b):
+        return ref.fused_nca_loss(b.hidden, b.weight, b.labels, b.rewards, b.ref_logps, bias=b.bias, **kw)
+
+    _check_against_reference(batch, fn, ref_fn, _dtype(backend))
 
 
 @pytest.mark.parametrize("loss_type", ["dpo", "nca_pair"])

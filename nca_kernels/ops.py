@@ -43,10 +43,13 @@ class Tokens:
             scale = scale / counts[seq]
         return cls(index, flat[index], seq, scale, s)
 
-    def reduce(self, token_values: torch.Tensor) -> torch.Tensor:
-        """Per-sequence (scaled) sums ``(S,)`` of per-token values ``(N,)``."""
-        out = torch.zeros(self.num_seqs, dtype=token_values.dtype, device=token_values.device)
-        return out.index_add_(0, self.seq, token_values * self.scale)
+    def reduce(self, token_values: torch.Tensor, span: slice = slice(None)) -> torch.Tensor:
+        """Per-sequence (scaled) sums ``(S,)`` of per-token values ``(N,)`` (or of the tokens in
+        ``span``), accumulated in float64: a serial float32 sum over a long response would collect
+        one rounding of the running total per token."""
+        out = torch.zeros(self.num_seqs, dtype=torch.float64, device=token_values.device)
+        out.index_add_(0, self.seq[span], (token_values * self.scale[span]).to(torch.float64))
+        return out.to(token_values.dtype)
 
     def spread(self, grad_seq: torch.Tensor) -> torch.Tensor:
         """Per-token gradient ``(N,)`` from a per-sequence gradient ``(S,)``."""
@@ -155,9 +158,7 @@ class GroupedNCALoss(torch.autograd.Function):
                 buf = rowchunk.logits_chunk(hidden2d, weight, bias, tokens.index[s], work)
                 local = slice(s.start - t0, s.stop - t0)
                 lse[local], tgt[local], shift = rowchunk.chunk_stats_(be, buf, tokens.targets[s], keep)
-            seq_logps = torch.zeros(b * k, dtype=acc, device=hidden.device)
-            seq_logps.index_add_(0, tokens.seq[t0:t1], (tgt - lse) * tokens.scale[t0:t1])
-            chunk_policy = seq_logps.view(b, k)[p0:p1]
+            chunk_policy = tokens.reduce(tgt - lse, slice(t0, t1)).view(b, k)[p0:p1]
             part, g, rew = losses.loss_sum_and_grad(
                 chunk_policy, ref_logps[p0:p1], rewards[p0:p1], beta, alpha, loss_type, 1.0 / b
             )

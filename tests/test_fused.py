@@ -40,6 +40,19 @@ def _check_against_reference(batch, fn, ref_fn, dtype):
         torch.testing.assert_close(g.to(f64), e, **_tol(dtype))
 
 
+def _check_fused_loss(batch, backend, recompute, **kw):
+    """``fused_nca_loss`` with ``backend`` against the float64 reference (loss options ``kw``)."""
+
+    def fn(b):
+        return nk.fused_nca_loss(b.hidden, b.weight, b.labels, b.rewards, b.ref_logps, bias=b.bias,
+                                 recompute=recompute, backend=backend, **kw)
+
+    def ref_fn(b):
+        return ref.fused_nca_loss(b.hidden, b.weight, b.labels, b.rewards, b.ref_logps, bias=b.bias, **kw)
+
+    _check_against_reference(batch, fn, ref_fn, _dtype(backend))
+
+
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("average", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
@@ -84,16 +97,7 @@ def test_sequence_logprobs_from_logits(device, backend, average, small_tiles):
 )
 def test_fused_nca_loss(device, backend, recompute, loss_type, k, alpha, small_tiles):
     batch = make_batch(b=2, k=k, t=7, h=12, v=37, bias=k == 4, device=device, ties=alpha == 0.0, empty_seq=1)
-    kw = dict(beta=0.1, alpha=alpha, loss_type=loss_type, average=k == 3)
-
-    def fn(b):
-        return nk.fused_nca_loss(b.hidden, b.weight, b.labels, b.rewards, b.ref_logps, bias=b.bias,
-                                 recompute=recompute, backend=backend, **kw)
-
-    def ref_fn(b):
-        return ref.fused_nca_loss(b.hidden, b.weight, b.labels, b.rewards, b.ref_logps, bias=b.bias, **kw)
-
-    _check_against_reference(batch, fn, ref_fn, _dtype(backend))
+    _check_fused_loss(batch, backend, recompute, beta=0.1, alpha=alpha, loss_type=loss_type, average=k == 3)
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -171,16 +175,7 @@ def test_group_buffer_kept(device, backend, scale):
     """``recompute=False`` at the default budgets: each prompt group's logits buffer serves forward
     and gradient (on CPU through ``logits_exp_``); against float64, also with logits ~1e4."""
     batch = make_batch(b=3, k=4, t=9, h=12, v=37, bias=True, device=device, empty_seq=1, scale=scale)
-    kw = dict(beta=0.1, alpha=0.1, loss_type="nca")
-
-    def fn(b):
-        return nk.fused_nca_loss(b.hidden, b.weight, b.labels, b.rewards, b.ref_logps, bias=b.bias,
-                                 recompute=False, backend=backend, **kw)
-
-    def ref_fn(b):
-        return ref.fused_nca_loss(b.hidden, b.weight, b.labels, b.rewards, b.ref_logps, bias=b.bias, **kw)
-
-    _check_against_reference(batch, fn, ref_fn, _dtype(backend))
+    _check_fused_loss(batch, backend, False, beta=0.1, alpha=0.1, loss_type="nca")
 
 
 @pytest.mark.parametrize("loss_type", ["dpo", "nca_pair"])
@@ -251,3 +246,18 @@ def test_chunking_does_not_change_results(recompute):
     for other in results[1:]:
         for x, y in zip(results[0], other):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_long_response_sum_is_accurate(recompute):
+    """Two responses of 20000-40000 tokens in float32: per-sequence sums accumulate in float64, so
+    each log-prob (about -1e5) is within a few float32 roundings of the float64 value; a serial
+    float32 sum over the tokens was off by 0.07 to 0.8 (dozens of roundings)."""
+    batch = make_batch(b=1, k=2, t=40001, h=8, v=50, dtype=torch.float32)
+    r = batch.cast(f64)
+    expected = ref.sequence_logprobs(r.hidden, r.weight, r.labels)
+    _, metrics = nk.fused_nca_loss(batch.hidden, batch.weight, batch.labels, batch.rewards, batch.ref_logps,
+                                   beta=0.1, alpha=0.1, recompute=recompute, backend="torch", return_metrics=True)
+    got = metrics["policy_logps"].reshape(-1).to(f64)
+    assert expected.abs().min() > 5e4
+    torch.testing.assert_close(got, expected, rtol=4 * 2.0**-24, atol=0)

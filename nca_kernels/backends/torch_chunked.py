@@ -146,6 +146,12 @@ def logits_forward(logits2d, index, targets):
     return lse, tgt
 
 
+# Rows per step of the in-place exp pass, which allocates nothing: 4 MiB, not the tile budget, so
+# that each op has enough work to amortise its thread fork-join (2 threads, 1024 x 32000 float32,
+# medians of 7 in three runs: 8-row steps 28.5-34.5 ms, 32-row steps 22.4-28.9 ms).
+_EXP_CHUNK_BYTES = 4 << 20
+
+
 def logits_exp_(logits2d, targets):
     """In place on float32/float64 logits ``(N, V)``: ``logits2d <- exp(logits2d - shift)``, with
     ``shift`` the row max. Returns ``(lse, target_logit, shift)``, each ``(N,)``. One exp pass serves
@@ -154,8 +160,8 @@ def logits_exp_(logits2d, targets):
     lse = torch.empty(n, dtype=logits2d.dtype, device=logits2d.device)
     shift = torch.empty_like(lse)
     tgt = logits2d.gather(1, targets[:, None]).squeeze(1)
-    starts, rows = _row_chunks(n, v, logits2d.device)
-    for r0 in starts:
+    rows = max(1, _EXP_CHUNK_BYTES // (logits2d.element_size() * v))
+    for r0 in range(0, n, rows):
         x = logits2d[r0:r0 + rows]
         m = x.amax(1)
         shift[r0:r0 + rows] = m

@@ -15,6 +15,7 @@ Usage (from the repository root, GPU only): python -m benchmarks.cuda_bench --ou
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -33,15 +34,20 @@ def _ms(fn, rep=500):
     return do_bench(fn, warmup=100, rep=rep, return_mode="median")
 
 
+def _three_matmuls(hr, w, logits, dh, dw):
+    """logits = hr @ w.T, dH = logits @ w, dW = logits.T @ hr, into preallocated outputs."""
+    torch.mm(hr, w.t(), out=logits)
+    torch.mm(logits, w, out=dh)
+    torch.mm(logits.t(), hr, out=dw)
+
+
 def bandwidth(rows: int, vocab: int, dtype: torch.dtype) -> dict:
     dev = torch.device("cuda")
     x = torch.randn(rows, vocab, device=dev).to(dtype)
     targets = torch.randint(0, vocab, (rows,), device=dev)
     grad = torch.randn(rows, device=dev)
     nbytes = x.numel() * x.element_size()
-    dst = torch.empty_like(x)
-    copy_ms = _ms(lambda: dst.copy_(x))
-    del dst
+    copy_ms = _ms(functools.partial(torch.Tensor.copy_, torch.empty_like(x), x))
     lse, _ = cuda.logits_forward(x, None, targets)
     fwd_ms = _ms(lambda: cuda.logits_forward(x, None, targets))
     bwd_ms = _ms(lambda: cuda.logits_backward(x, None, targets, lse, grad, True))  # values stay bounded
@@ -76,15 +82,8 @@ def headline(b=4, k=4, t=1024, h=4096, v=128256, dtype=torch.bfloat16, group_byt
     hr = hidden.detach().reshape(-1, h).index_select(0, index)
     w = weight.detach()
     n = hr.shape[0]
-    logits, dh, dw = torch.empty(n, v, device=dev, dtype=dtype), torch.empty_like(hr), torch.empty_like(w)
-
-    def matmuls():
-        torch.mm(hr, w.t(), out=logits)
-        torch.mm(logits, w, out=dh)
-        torch.mm(logits.t(), hr, out=dw)
-
-    mm_ms = _ms(matmuls, rep=1000)
-    del logits, dh, dw
+    mm_ms = _ms(functools.partial(_three_matmuls, hr, w, torch.empty(n, v, device=dev, dtype=dtype),
+                                  torch.empty_like(hr), torch.empty_like(w)), rep=1000)
     with nca_kernels.chunk_bytes(group=group_bytes):
         fused_ms = _ms(lambda: loss_and_grads(False), rep=1000)
         recompute_ms = _ms(lambda: loss_and_grads(True), rep=1000)

@@ -2,8 +2,8 @@
 
 CPU: a TorchDispatchMode tracks every tensor storage created while it is active (weakref
 finalizers on ``untyped_storage()``) and records the peak of their live bytes; a storage counts
-when an op returns it without having received it, so storages that existed before are ignored. Deterministic. CUDA: ``max_memory_allocated`` above the
-bytes allocated before the call.
+when an op returns it without having received it, so storages that existed before are ignored.
+Deterministic. CUDA: ``max_memory_allocated`` above the bytes allocated before the call.
 """
 
 from __future__ import annotations

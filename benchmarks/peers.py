@@ -14,8 +14,8 @@ import contextlib
 import dataclasses
 import importlib
 import importlib.metadata
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -62,7 +62,7 @@ class Case:
         return (f"{self.name}: B={self.B} K={self.K} T={self.T} (N={self.tokens} response) "
                 f"H={self.H} V={self.V} {self.dtype}")
 
-    def reduced(self, max_logit_elems: int) -> "Case":
+    def reduced(self, max_logit_elems: int) -> Case:
         """The same case with fewer prompts, then shorter sequences, so that S*T*V fits."""
         case = self
         while case.S * case.T * case.V > max_logit_elems and case.B > 1:

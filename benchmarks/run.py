@@ -1,8 +1,10 @@
 """Forward+backward of the NCA loss from hidden states: every implementation, one run, one method.
 
-    python benchmarks/run.py --device cpu --quick --out benchmarks/results/cpu_quick.json --plot benchmarks/results/cpu_quick.png
-    python benchmarks/run.py --foundation --out benchmarks/results/cpu_foundation.json --md benchmarks/results/cpu_foundation.md
-    python benchmarks/run.py --device cuda --time-budget 300 --skip "ours[torch" --out benchmarks/results/bench_h100.json --plot benchmarks/results/bench_h100.png
+    python benchmarks/run.py --device cpu --quick --out cpu_quick.json --plot cpu_quick.png --md cpu_quick.md
+    python benchmarks/run.py --foundation --out cpu_foundation.json --md cpu_foundation.md
+    python benchmarks/run.py --device cuda --time-budget 300 --skip "ours[torch" --out h100.json --plot h100.png
+
+(committed results live in ``benchmarks/results/``; docs/benchmarks.md has the exact commands)
 
 Per case and implementation: peak bytes (benchmarks/memory.py), median milliseconds (CPU:
 repetitions interleaved across implementations after warm-up; GPU: ``triton.testing.do_bench``

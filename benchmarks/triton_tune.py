@@ -191,7 +191,8 @@ def main():
     ph, pw = peaked(hidden, weight, labels)
     exact = fwd_bwd(ph, pw, labels, grad)
     eps = 2**-12
-    filt = {"logits": " ".join(peaked.__doc__.split()), "eps": eps, "tail_mass_below_eps": tail_mass(ph, pw, labels, eps)}
+    filt = {"logits": " ".join(peaked.__doc__.split()), "eps": eps,
+            "tail_mass_below_eps": tail_mass(ph, pw, labels, eps)}
     hp, wp = ph.detach().requires_grad_(), pw.detach().requires_grad_()
 
     def peaked_step():

@@ -21,9 +21,14 @@ from __future__ import annotations
 import contextlib
 import os
 
-tile_bytes: int | None = int(os.environ["NCA_KERNELS_TILE_BYTES"]) if "NCA_KERNELS_TILE_BYTES" in os.environ else None
+
+def _env_bytes(name: str) -> int | None:
+    return int(os.environ[name]) if name in os.environ else None
+
+
+tile_bytes: int | None = _env_bytes("NCA_KERNELS_TILE_BYTES")
 _DEFAULT_TILE_BYTES = {"cpu": 1 << 20, "cuda": 48 << 20}
-group_bytes: int | None = int(os.environ["NCA_KERNELS_GROUP_BYTES"]) if "NCA_KERNELS_GROUP_BYTES" in os.environ else None
+group_bytes: int | None = _env_bytes("NCA_KERNELS_GROUP_BYTES")
 _DEFAULT_GROUP_BYTES = {"cpu": 192 << 20, "cuda": 1 << 30}
 
 

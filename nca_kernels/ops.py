@@ -32,7 +32,7 @@ class Tokens:
     num_seqs: int
 
     @classmethod
-    def from_labels(cls, labels: torch.Tensor, ignore_index: int, average: bool, dtype) -> "Tokens":
+    def from_labels(cls, labels: torch.Tensor, ignore_index: int, average: bool, dtype) -> Tokens:
         s, t = labels.shape
         flat = labels.reshape(-1)
         index = (flat != ignore_index).nonzero().squeeze(1)

@@ -33,7 +33,7 @@ class Batch:
     def leaves(self):
         return [x for x in (self.hidden, self.weight, self.bias) if x is not None]
 
-    def cast(self, dtype, requires_grad=True) -> "Batch":
+    def cast(self, dtype, requires_grad=True) -> Batch:
         def c(x):
             return None if x is None else x.detach().to(dtype).requires_grad_(requires_grad)
 

@@ -13,6 +13,7 @@ import torch
 import nca_kernels
 from nca_kernels import reference
 from nca_kernels.backends import cuda, torch_chunked, unavailable_reason
+
 from .conftest import make_batch
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"

@@ -77,8 +77,9 @@ def tile_shape(n: int, weight: torch.Tensor) -> tuple[int, int]:
 def _tiles(n: int, weight: torch.Tensor):
     """Yield ``(rows, v0, v1)`` over the (tokens x vocab) tiles; token chunks outermost."""
     rows, cols = tile_shape(n, weight)
+    v = weight.shape[0]
     for r0 in range(0, n, rows):
-        yield slice(r0, min(n, r0 + rows)), [(v0, min(weight.shape[0], v0 + cols)) for v0 in range(0, weight.shape[0], cols)]
+        yield slice(r0, min(n, r0 + rows)), [(v0, min(v, v0 + cols)) for v0 in range(0, v, cols)]
 
 
 def _logit_tile(h, weight, bias, v0, v1):

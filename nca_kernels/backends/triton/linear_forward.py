@@ -73,8 +73,7 @@ def linear_forward(hidden2d, weight, bias, index, targets):
     v_per_split = triton.cdiv(triton.cdiv(v, splits), align) * align
     splits = triton.cdiv(v, v_per_split)
     part = torch.empty(splits, n, dtype=torch.float32, device=hidden2d.device)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)
-    linear_forward_kernel[grid](
+    linear_forward_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](
         hidden2d, weight, bias, index, targets, part, tgt, n, v, h, v_per_split,
         hidden2d.stride(0), weight.stride(0), HAS_BIAS=bias is not None, **dot_options(weight.dtype),
     )

@@ -476,6 +476,7 @@ def main(argv=None) -> dict:
                     help="only the headline case (H=4096, V=128256, 4x4x1024, bf16) and the fit search")
     ap.add_argument("--foundation", action="store_true",
                     help="only the foundation case (H=512, V=32000, 2x4x512, fp32) with its targets")
+    ap.add_argument("--cases", nargs="*", help="sweep cases whose names contain one of these (tokens, vocab, ...)")
     ap.add_argument("--only", nargs="*", help="implementations whose names contain one of these")
     ap.add_argument("--skip", nargs="*", help="leave out implementations whose names contain one of these")
     ap.add_argument("--no-fit", action="store_true", help="skip the GPU largest-fit search")
@@ -517,6 +518,8 @@ def main(argv=None) -> dict:
         cases = [HEADLINE] if args.headline else [FOUNDATION]
     else:
         cases = sweep(args.device, args.quick, args.smoke)
+    if args.cases:
+        cases = [c for c in cases if any(name in c.name for name in args.cases)]
 
     result = {
         "device": device_name(device), "device_type": device.type,

@@ -106,7 +106,7 @@ class LogitsLogprobs(torch.autograd.Function):
 
 
 def _prompt_chunks(tokens: Tokens, k: int, b: int, budget: int):
-    """Split prompts into consecutive chunks of at most ``budget`` response tokens (at least one prompt).
+    """Split prompts into consecutive chunks of at most ``budget`` response tokens, or one prompt.
 
     Yields ``(p0, p1, t0, t1)``: prompts ``[p0, p1)`` own response tokens ``[t0, t1)``.
     """
@@ -125,8 +125,8 @@ class GroupedNCALoss(torch.autograd.Function):
     """Fused NCA/InfoNCA loss by chunks of whole prompt groups: all gradients in forward.
 
     Returns ``(loss, policy_logps (B, K), model_rewards (B, K))``; only ``loss`` is differentiable.
-    A chunk whose logits exceed the group byte budget (one prompt group too large) is split into
-    row sub-chunks that are recomputed once the group's gradient is known.
+    A chunk whose logits exceed the group byte budget's cap (one prompt group too large) is split
+    into row sub-chunks that are recomputed once the group's gradient is known.
     """
 
     @staticmethod
@@ -144,8 +144,8 @@ class GroupedNCALoss(torch.autograd.Function):
         policy = torch.zeros(b, k, dtype=acc, device=hidden.device)
         model_rewards = torch.zeros(b, k, dtype=acc, device=hidden.device)
         total = torch.zeros((), dtype=acc, device=hidden.device)
-        rows = rowchunk.rows_per_chunk(weight)
-        chunks = list(_prompt_chunks(tokens, k, b, rows))
+        pack, rows = rowchunk.rows_per_chunk(weight)
+        chunks = list(_prompt_chunks(tokens, k, b, pack))
         width = min(rows, max(t1 - t0 for *_, t0, t1 in chunks))
         work = torch.empty(width, weight.shape[0], dtype=hidden.dtype, device=hidden.device)  # reused
 

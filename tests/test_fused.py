@@ -263,3 +263,26 @@ def test_long_response_sum_is_accurate(recompute):
     got = metrics["policy_logps"].reshape(-1).to(f64)
     assert expected.abs().min() > 5e4
     torch.testing.assert_close(got, expected, rtol=4 * 2.0**-24, atol=0)
+
+
+@pytest.mark.parametrize("pack,cap,held_whole", [(1, 1 << 20, True), (1, 1, False)])
+def test_group_pack_and_cap(monkeypatch, pack, cap, held_whole):
+    """The default group budget packs prompts up to ``pack`` bytes but holds one larger group whole
+    up to ``cap`` (one logits matmul per prompt, no recompute); past ``cap`` it recomputes
+    sub-chunks. Results match either way."""
+    from nca_kernels import config
+    from nca_kernels.backends import rowchunk
+
+    batch = make_batch(b=3, k=2, t=9, h=12, v=37, bias=True)
+    args = (batch.hidden, batch.weight, batch.labels, batch.rewards, batch.ref_logps)
+    kw = dict(beta=0.1, alpha=0.1, bias=batch.bias, recompute=False, backend="torch")
+    expected = ref.fused_nca_loss(*args, beta=0.1, alpha=0.1, bias=batch.bias)
+    calls = []
+    make = rowchunk.logits_chunk
+    monkeypatch.setattr(rowchunk, "logits_chunk", lambda *a: calls.append(1) or make(*a))
+    monkeypatch.setattr(config, "group_bytes", None)
+    monkeypatch.setattr(config, "_DEFAULT_GROUP_BYTES", {"cpu": (pack, cap)})
+    loss = nk.fused_nca_loss(*args, **kw)
+    n_tokens = int((batch.labels != -100).sum())
+    assert len(calls) == (3 if held_whole else 2 * n_tokens)
+    torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-9)

@@ -20,11 +20,12 @@ from .. import config
 from .torch_chunked import accum_dtype
 
 
-def rows_per_chunk(weight: torch.Tensor) -> int:
-    """How many rows fit the group byte budget: a row's logits plus its gathered hidden row and
-    its ``dH`` row (the matmul operands that live beside the buffer)."""
+def rows_per_chunk(weight: torch.Tensor) -> tuple[int, int]:
+    """``(pack, cap)`` rows of the group budget (:func:`config.group_budget`), a row costing its
+    logits plus its gathered hidden row and its ``dH`` row (the matmul operands beside the buffer)."""
     v, h = weight.shape
-    return max(1, config.group_budget(weight.device) // ((v + 2 * h) * weight.element_size()))
+    row = (v + 2 * h) * weight.element_size()
+    return tuple(max(1, size // row) for size in config.group_budget(weight.device))
 
 
 def logits_chunk(hidden2d, weight, bias, index, out=None) -> torch.Tensor:

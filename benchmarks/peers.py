@@ -62,12 +62,17 @@ class Case:
         return (f"{self.name}: B={self.B} K={self.K} T={self.T} (N={self.tokens} response) "
                 f"H={self.H} V={self.V} {self.dtype}")
 
-    def reduced(self, max_logit_elems: int) -> Case:
-        """The same case with fewer prompts, then shorter sequences, so that S*T*V fits."""
+    @property
+    def reference_flops(self) -> int:
+        """float64 work of the naive reference: logits, dH and dW over all S*T positions."""
+        return 6 * self.S * self.T * self.H * self.V
+
+    def reduced(self, max_flops: float) -> Case:
+        """The same case with fewer prompts, then shorter sequences, so that its reference fits."""
         case = self
-        while case.S * case.T * case.V > max_logit_elems and case.B > 1:
+        while case.reference_flops > max_flops and case.B > 1:
             case = dataclasses.replace(case, B=case.B // 2)
-        while case.S * case.T * case.V > max_logit_elems and case.T > 8:
+        while case.reference_flops > max_flops and case.T > 8:
             case = dataclasses.replace(case, T=case.T // 2)
         return dataclasses.replace(case, name=case.name + " (reduced)") if case != self else case
 

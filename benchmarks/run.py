@@ -37,8 +37,10 @@ from benchmarks.peers import Case
 from nca_kernels import reference
 
 MiB = 1 << 20
-# float64 reference: at most this many logits (S*T*V); larger cases are checked on a reduced instance
+# float64 reference: sequences in chunks of at most this many logits; a case whose float64 work
+# (6*S*T*H*V flops) is over the error budget (--err-flops) is checked on a reduced instance instead
 ERR_LOGITS = 1 << 27
+ERR_FLOPS = {"cpu": 5e11, "cuda": 5e14}
 
 FOUNDATION = Case("foundation", B=2, K=4, T=512, H=512, V=32000, dtype="fp32", floor=True)
 HEADLINE = Case("headline", B=4, K=4, T=1024, H=4096, V=128256, dtype="bf16", floor=True)
@@ -136,16 +138,29 @@ def time_do_bench(step, rep_ms: int) -> float:
     return float(triton.testing.do_bench(step, warmup=max(1, rep_ms // 4), rep=rep_ms, return_mode="median"))
 
 
-def reference_grads(problem: peers.Problem, device: torch.device):
-    """float64 naive loss and gradients for ``problem`` (on ``device``: CPU here, or the GPU)."""
+def reference_grads(problem: peers.Problem, device: torch.device, chunk_logits: int = ERR_LOGITS):
+    """float64 naive loss and gradients for ``problem`` (on ``device``: CPU here, or the GPU), at full
+    size: sequences go through the naive formula a chunk at a time (at most ``chunk_logits`` logits,
+    or one sequence), first for the log-probs, then, with the loss gradient on them, for the
+    backward; dW sums over the chunks in float64."""
     def f64(x):
         return x.detach().to(device=device, dtype=torch.float64)
 
-    h, w = f64(problem.hidden).requires_grad_(), f64(problem.weight).requires_grad_()
-    loss = reference.fused_nca_loss(h, w, problem.labels.to(device), f64(problem.rewards), f64(problem.ref_logps),
-                                    **problem.loss_kwargs)
-    loss.backward()
-    return loss.detach(), h.grad, w.grad
+    h, w, labels = f64(problem.hidden), f64(problem.weight).requires_grad_(), problem.labels.to(device)
+    (s, t), v = labels.shape, w.shape[0]
+    step = max(1, chunk_logits // (t * v))
+    chunks = [slice(i, min(s, i + step)) for i in range(0, s, step)]
+    with torch.no_grad():
+        logps = torch.cat([reference.sequence_logprobs(h[c], w, labels[c]) for c in chunks]).requires_grad_()
+    loss = reference.nca_loss(logps.view(problem.rewards.shape), f64(problem.ref_logps), f64(problem.rewards),
+                              **problem.loss_kwargs)
+    (g,) = torch.autograd.grad(loss, logps)
+    dh = torch.empty_like(h)
+    for c in chunks:
+        hc = h[c].requires_grad_()
+        reference.sequence_logprobs(hc, w, labels[c]).backward(g[c])
+        dh[c] = hc.grad
+    return loss.detach(), dh, w.grad
 
 
 def grad_error(got, ref) -> dict:
@@ -172,17 +187,18 @@ class References:
     def get(self, problem: peers.Problem):
         key = (id(problem.hidden), problem.loss_type, problem.alpha, float(problem.ref_logps.abs().sum()))
         if key not in self.cache:
-            self.cache[key] = reference_grads(problem, self.device)
+            # kept in host memory: several full-size float64 gradients would crowd a GPU
+            self.cache[key] = tuple(x.cpu() for x in reference_grads(problem, self.device))
         return self.cache[key]
 
 
 def check_error(adapter, prepared, problem, case, device, opts, refs, ref_device, got=None,
-                err_logits=ERR_LOGITS) -> dict:
+                err_flops=ERR_FLOPS["cpu"]) -> dict:
     """Error of a step's output (``got``, else one more step) against float64; on a reduced
-    instance when the case is too big for the float64 reference."""
+    instance when the float64 reference of the case would cost more than ``err_flops``."""
     if not prepared.has_grads:
         return {}
-    small = case.reduced(err_logits)
+    small = case.reduced(err_flops)
     if small is case:
         got = prepared.step() if got is None else got
         solved = prepared.solves or problem
@@ -264,7 +280,7 @@ def run_case(case: Case, device: torch.device, opts, args) -> list[dict]:
     for n, p in prepared.items():
         try:
             rows[n].update(check_error(impls[n], p, problem, case, device, opts, refs, ref_device, last.pop(n, None),
-                                       args.err_logits))
+                                       args.err_flops))
         except Exception as exc:
             rows[n]["err_note"] = f"{type(exc).__name__}: {exc}"[:300]
         clear(p)
@@ -490,9 +506,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--rep-ms", type=int, default=300, help="GPU do_bench time per implementation")
     ap.add_argument("--no-compile", action="store_true",
                     help="run Liger/CCE without torch.compile (default on CPU with --quick/--smoke)")
-    ap.add_argument("--err-logits", type=int, default=None,
-                    help="largest S*T*V checked in float64 as is; larger cases are checked on a reduced "
-                         f"instance (default {ERR_LOGITS}, CPU --quick {ERR_LOGITS >> 2})")
+    ap.add_argument("--err-flops", type=float, default=None,
+                    help="largest float64 reference (6*S*T*H*V flops) checked at full size; larger cases are "
+                         f"checked on a reduced instance (default {ERR_FLOPS}, CPU --quick 1e11)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's); 1 is steadier on a shared machine")
     ap.add_argument("--out", default=None)
@@ -501,8 +517,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.warmup is None:
         args.warmup = 0 if (args.quick or args.smoke) else 1
-    if args.err_logits is None:
-        args.err_logits = ERR_LOGITS >> 2 if (args.quick and args.device == "cpu") else ERR_LOGITS
+    if args.err_flops is None:
+        args.err_flops = 1e11 if (args.quick and args.device == "cpu") else ERR_FLOPS[args.device]
     if args.reps is None:
         args.reps = 1 if args.smoke else 3 if (args.quick or args.device == "cuda") else 5
     device = torch.device(args.device)

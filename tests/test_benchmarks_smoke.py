@@ -40,3 +40,24 @@ def test_run_smoke(tmp_path):
     floor = by_impl["three_matmuls"]
     assert floor and all(r["status"] == "ok" and "time_vs_naive" in r for r in floor)
     assert (tmp_path / "smoke.png").exists()
+
+
+def test_reference_in_chunks_is_the_naive_reference():
+    """The benchmark's float64 reference walks sequences in chunks (any chunk size gives the
+    unchunked naive loss and gradients), so full-size cases need no reduced instance."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from benchmarks import peers, run
+    from nca_kernels import reference
+
+    problem = peers.make_problem(peers.Case("t", B=3, K=4, T=40, H=24, V=300, dtype="bf16"), torch.device("cpu"))
+    h, w = (x.detach().double().requires_grad_() for x in problem.leaves())
+    loss = reference.fused_nca_loss(h, w, problem.labels, problem.rewards.double(), problem.ref_logps.double(),
+                                    **problem.loss_kwargs)
+    loss.backward()
+    for chunk_logits in (1 << 30, 2 * 40 * 300, 1):  # one chunk, two sequences, one sequence
+        got_loss, dh, dw = run.reference_grads(problem, torch.device("cpu"), chunk_logits)
+        torch.testing.assert_close(got_loss, loss.detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(dh, h.grad, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(dw, w.grad, rtol=1e-12, atol=1e-15)

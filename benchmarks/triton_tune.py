@@ -123,17 +123,14 @@ def backward_parts(hidden, weight, labels):
 
 
 def best_configs():
-    from nca_kernels.backends.triton.linear_backward import (
-        linear_backward_dh_kernel,
-        linear_backward_dw_kernel,
-        linear_backward_kernel,
-    )
+    """The autotuner's pick per kernel and key (for the backward, the key ends with the schedule), and
+    the per-config timings of the last key it tuned."""
+    from nca_kernels.backends.triton.linear_backward import linear_backward_kernel
     from nca_kernels.backends.triton.linear_forward import linear_forward_kernel
 
-    kernels = (linear_forward_kernel, linear_backward_kernel, linear_backward_dh_kernel, linear_backward_dw_kernel)
-    return {k.fn.__name__: {"best": str(getattr(k, "best_config", None)),
+    return {k.fn.__name__: {"best": {str(key): str(cfg) for key, cfg in k.cache.items()},
                             "ms": {str(c): _first(t) for c, t in (getattr(k, "configs_timings", None) or {}).items()}}
-            for k in kernels}
+            for k in (linear_forward_kernel, linear_backward_kernel)}
 
 
 def _first(timing):

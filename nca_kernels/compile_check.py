@@ -49,19 +49,14 @@ def _forward_flags(dtype: str) -> dict:
 
 def kernels():
     """(autotuned kernel, flags(dtype) -> constexprs) for every Triton kernel of the package."""
-    from .backends.triton.linear_backward import (
-        linear_backward_dh_kernel,
-        linear_backward_dw_kernel,
-        linear_backward_kernel,
-    )
+    from .backends.triton.linear_backward import SCHEDULES, linear_backward_kernel
     from .backends.triton.linear_forward import linear_forward_kernel
     from .backends.triton.logits import logits_backward_kernel, logits_forward_kernel
 
+    backward = [(linear_backward_kernel, lambda d, s=s: {**_linear_flags(d), "SCHEDULE": s}) for s in SCHEDULES]
     return [
         (linear_forward_kernel, _forward_flags),
-        (linear_backward_kernel, _linear_flags),
-        (linear_backward_dh_kernel, _linear_flags),
-        (linear_backward_dw_kernel, _linear_flags),
+        *backward,
         (logits_forward_kernel, lambda d: {}),
         (logits_backward_kernel, lambda d: {}),
     ]
@@ -95,7 +90,7 @@ def main() -> int:
     failures = 0
     for kernel, config, dtype, flags in jobs():
         start = time.perf_counter()
-        label = f"{kernel.fn.__name__} {dtype} {config}"
+        label = " ".join(str(x) for x in (kernel.fn.__name__, flags.get("SCHEDULE", ""), dtype, config) if x)
         try:
             compiled = compile_one(kernel, config, dtype, flags)
         except Exception:  # report every failure, then exit non-zero

@@ -52,11 +52,16 @@ def ref_logprobs(batch, **kw):
 
 # --- CPU (interpreter) and GPU: float32 against the float64 reference ------------------------------
 
-@pytest.mark.parametrize("deterministic", [False, True])
+# every backward schedule: cuBLAS tiles (the default), the fused kernel with atomics, and its
+# deterministic split passes
+SCHEDULES = {"matmul": {}, "fused": {"backward": "fused"}, "deterministic": {"deterministic": True}}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("bias,average", [(False, False), (True, True)])
-def test_logprobs_and_grads_match_reference(bias, average, deterministic):
+def test_logprobs_and_grads_match_reference(bias, average, schedule):
     batch = make_batch(b=2, k=2, t=9, h=21, v=37, bias=bias, empty_seq=1, device=DEVICE, seed=1)
-    with config.triton_options(deterministic=deterministic):
+    with config.triton_options(**SCHEDULES[schedule]):
         got = run_logprobs(batch, torch.float32, average=average)
     want = ref_logprobs(batch, average=average)
     assert got[0].dtype == torch.float32

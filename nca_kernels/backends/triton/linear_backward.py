@@ -29,110 +29,92 @@ from . import tuning
 from .linear_forward import dot_options
 from .tiles import accumulate, grad_tile, logit_tile
 
+#: Schedules of :func:`linear_backward_kernel` (a constexpr: one compiled kernel each).
+SCHEDULES = ("tiles", "tokens", "vocab")
+
 
 @triton.jit
-def _tokens(index_ptr, target_ptr, lse_ptr, grad_ptr, n0, N, BLOCK_N: tl.constexpr):
-    """Offsets, mask, hidden rows, labels, logsumexp and gradient of tokens ``n0 .. n0+BLOCK_N``."""
+def _tile_grads(hidden_ptr, weight_ptr, bias_ptr, index_ptr, target_ptr, lse_ptr, grad_ptr, dh_ptr, dw_ptr, n0, v0,
+                N, V, H, stride_h, stride_w, stride_dh, filter_eps, HAS_BIAS: tl.constexpr, NEED_H: tl.constexpr,
+                NEED_W: tl.constexpr, SCATTER_DH: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Recompute the logits of tokens ``n0 + [0, BLOCK_N)`` x vocabulary ``v0 + [0, BLOCK_V)``, add
+    their dH and dW products (unless every gradient entry is below ``filter_eps``) and return the
+    tile's column sums ``(BLOCK_V,)`` float32 (its db)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = tl.load(index_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
     targets = tl.load(target_ptr + offs_n, mask=mask_n, other=-1)
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     grad = tl.load(grad_ptr + offs_n, mask=mask_n, other=0.0)
-    return offs_n, mask_n, rows, targets, lse, grad
-
-
-@triton.autotune(configs=tuning.linear(backward=True), key=["H", "V"], restore_value=["dh_ptr", "dw_ptr", "db_ptr"])
-@triton.jit
-def linear_backward_kernel(hidden_ptr, weight_ptr, bias_ptr, index_ptr, target_ptr, lse_ptr, grad_ptr, dh_ptr,
-                           dw_ptr, db_ptr, N, V, H, stride_h, stride_w, stride_dh, filter_eps,
-                           HAS_BIAS: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr,
-                           NEED_B: tl.constexpr, SCATTER_DH: tl.constexpr, UPCAST: tl.constexpr,
-                           PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
-    """One (token tile, vocab tile) per program; atomics into dh ``(rows, H)``, dw ``(V, H)``, db ``(V,)``.
-
-    Consecutive programs share a vocabulary tile, so a chunk of hidden rows stays in L2.
-    ``SCATTER_DH``: dh rows are ``index`` (the full dH), else token positions (a scratch chunk).
-    """
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_n = tl.program_id(0) % n_tiles
-    pid_v = tl.program_id(0) // n_tiles
-    offs_n, mask_n, rows, targets, lse, grad = _tokens(index_ptr, target_ptr, lse_ptr, grad_ptr,
-                                                       pid_n * BLOCK_N, N, BLOCK_N)
-    v0 = pid_v * BLOCK_V
     offs_v = v0 + tl.arange(0, BLOCK_V)
     mask_v = offs_v < V
     logits = logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, v0, mask_n, mask_v, H, stride_h, stride_w,
                         HAS_BIAS, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
     dl = grad_tile(logits, offs_v, targets, lse, grad)
-    if NEED_B:
-        tl.atomic_add(db_ptr + offs_v, tl.sum(dl, axis=0), mask=mask_v, sem="relaxed")
+    db = tl.sum(dl, axis=0)
     if tl.max(tl.abs(dl)) >= filter_eps:
         accumulate(dl, hidden_ptr, weight_ptr, rows, offs_v, mask_n, mask_v, dh_ptr,
                    rows if SCATTER_DH else offs_n.to(tl.int64), dw_ptr, H, stride_h, stride_w, stride_dh,
-                   NEED_H, NEED_W, True, UPCAST, PRECISION, BLOCK_K)
+                   NEED_H, NEED_W, ATOMIC, UPCAST, PRECISION, BLOCK_K)
+    return db
 
 
-@triton.autotune(configs=tuning.linear(backward=True), key=["H", "V"], restore_value=["dh_ptr"])
+@triton.autotune(configs=tuning.linear(backward=True), key=["H", "V", "SCHEDULE"],
+                 restore_value=["dh_ptr", "dw_ptr", "db_ptr"])
 @triton.jit
-def linear_backward_dh_kernel(hidden_ptr, weight_ptr, bias_ptr, index_ptr, target_ptr, lse_ptr, grad_ptr, dh_ptr,
-                              dw_ptr, db_ptr, N, V, H, stride_h, stride_w, stride_dh, filter_eps,
-                              HAS_BIAS: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr,
-                              NEED_B: tl.constexpr, SCATTER_DH: tl.constexpr, UPCAST: tl.constexpr,
-                              PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                              BLOCK_K: tl.constexpr):
-    """Deterministic dH: one token tile per program walks the vocabulary (same arguments as above)."""
-    offs_n, mask_n, rows, targets, lse, grad = _tokens(index_ptr, target_ptr, lse_ptr, grad_ptr,
-                                                       tl.program_id(0) * BLOCK_N, N, BLOCK_N)
-    for v0 in range(0, V, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        mask_v = offs_v < V
-        logits = logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, v0, mask_n, mask_v, H, stride_h,
-                            stride_w, HAS_BIAS, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
-        dl = grad_tile(logits, offs_v, targets, lse, grad)
-        if tl.max(tl.abs(dl)) >= filter_eps:
-            accumulate(dl, hidden_ptr, weight_ptr, rows, offs_v, mask_n, mask_v, dh_ptr,
-                       rows if SCATTER_DH else offs_n.to(tl.int64), dw_ptr, H, stride_h, stride_w, stride_dh,
-                       True, False, False, UPCAST, PRECISION, BLOCK_K)
+def linear_backward_kernel(hidden_ptr, weight_ptr, bias_ptr, index_ptr, target_ptr, lse_ptr, grad_ptr, dh_ptr,
+                           dw_ptr, db_ptr, N, V, H, stride_h, stride_w, stride_dh, filter_eps,
+                           SCHEDULE: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_H: tl.constexpr,
+                           NEED_W: tl.constexpr, NEED_B: tl.constexpr, SCATTER_DH: tl.constexpr,
+                           UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Add the gradients of ``N`` tokens to dh ``(rows, H)`` float32, dw ``(V, H)`` and db ``(V,)`` float32.
+
+    ``SCHEDULE`` ``"tiles"``: one (token tile, vocab tile) per program, added with atomics;
+    consecutive programs share a vocabulary tile, so a chunk of hidden rows stays in L2.
+    ``"tokens"``: one token tile per program walks the vocabulary, dH only. ``"vocab"``: one
+    vocabulary tile per program walks the tokens, dW and db only, written once (no atomics).
+    ``SCATTER_DH``: dh rows are ``index`` (the full dH), else token positions (a scratch chunk).
+    """
+    if SCHEDULE == "tiles":
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        v0 = tl.program_id(0) // n_tiles * BLOCK_V
+        db = _tile_grads(hidden_ptr, weight_ptr, bias_ptr, index_ptr, target_ptr, lse_ptr, grad_ptr, dh_ptr, dw_ptr,
+                         tl.program_id(0) % n_tiles * BLOCK_N, v0, N, V, H, stride_h, stride_w, stride_dh,
+                         filter_eps, HAS_BIAS, NEED_H, NEED_W, SCATTER_DH, True, UPCAST, PRECISION,
+                         BLOCK_N, BLOCK_V, BLOCK_K)
+        if NEED_B:
+            offs_v = v0 + tl.arange(0, BLOCK_V)
+            tl.atomic_add(db_ptr + offs_v, db, mask=offs_v < V, sem="relaxed")
+    elif SCHEDULE == "tokens":
+        for v0 in range(0, V, BLOCK_V):
+            _tile_grads(hidden_ptr, weight_ptr, bias_ptr, index_ptr, target_ptr, lse_ptr, grad_ptr, dh_ptr, dw_ptr,
+                        tl.program_id(0) * BLOCK_N, v0, N, V, H, stride_h, stride_w, stride_dh, filter_eps,
+                        HAS_BIAS, True, False, SCATTER_DH, False, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+    else:
+        v0 = tl.program_id(0) * BLOCK_V
+        db = tl.zeros((BLOCK_V,), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            db += _tile_grads(hidden_ptr, weight_ptr, bias_ptr, index_ptr, target_ptr, lse_ptr, grad_ptr, dh_ptr,
+                              dw_ptr, n0, v0, N, V, H, stride_h, stride_w, stride_dh, filter_eps, HAS_BIAS, False,
+                              NEED_W, SCATTER_DH, False, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        if NEED_B:
+            offs_v = v0 + tl.arange(0, BLOCK_V)
+            tl.store(db_ptr + offs_v, db, mask=offs_v < V)
 
 
-@triton.autotune(configs=tuning.linear(backward=True), key=["H", "V"], restore_value=["dw_ptr", "db_ptr"])
-@triton.jit
-def linear_backward_dw_kernel(hidden_ptr, weight_ptr, bias_ptr, index_ptr, target_ptr, lse_ptr, grad_ptr, dh_ptr,
-                              dw_ptr, db_ptr, N, V, H, stride_h, stride_w, stride_dh, filter_eps,
-                              HAS_BIAS: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr,
-                              NEED_B: tl.constexpr, SCATTER_DH: tl.constexpr, UPCAST: tl.constexpr,
-                              PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                              BLOCK_K: tl.constexpr):
-    """Deterministic dW, db: one vocabulary tile per program walks the tokens (same arguments)."""
-    v0 = tl.program_id(0) * BLOCK_V
-    offs_v = v0 + tl.arange(0, BLOCK_V)
-    mask_v = offs_v < V
-    db = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        _, mask_n, rows, targets, lse, grad = _tokens(index_ptr, target_ptr, lse_ptr, grad_ptr, n0, N, BLOCK_N)
-        logits = logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, v0, mask_n, mask_v, H, stride_h,
-                            stride_w, HAS_BIAS, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
-        dl = grad_tile(logits, offs_v, targets, lse, grad)
-        db += tl.sum(dl, axis=0)
-        if NEED_W:  # noqa: SIM102 (a compile-time guard around a runtime branch)
-            if tl.max(tl.abs(dl)) >= filter_eps:
-                accumulate(dl, hidden_ptr, weight_ptr, rows, offs_v, mask_n, mask_v, dh_ptr, rows, dw_ptr,
-                           H, stride_h, stride_w, stride_dh, False, True, False, UPCAST, PRECISION, BLOCK_K)
-    if NEED_B:
-        tl.store(db_ptr + offs_v, db, mask=mask_v)
-
-
-def _launch(kernel, tiles, hidden2d, weight, bias, index, targets, lse, grad, dh, dw, db, scatter_dh, needs):
-    """Run one backward kernel over ``tiles(meta)`` programs; absent outputs get a dummy pointer."""
+def _launch(schedule, hidden2d, weight, bias, index, targets, lse, grad, dh, dw, db, scatter_dh, needs):
+    """Run the backward kernel with one schedule; absent outputs get a dummy pointer."""
     dummy = lse[:1]
     n, (v, h) = index.numel(), weight.shape
-    kernel[lambda meta: (tiles(n, v, meta),)](
+    tiles = {"tiles": _all_tiles, "tokens": _token_tiles, "vocab": _vocab_tiles}[schedule]
+    linear_backward_kernel[lambda meta: (tiles(n, v, meta),)](
         hidden2d, weight, bias, index, targets, lse, grad,
         dummy if dh is None else dh, dummy if dw is None else dw, dummy if db is None else db,
         n, v, h, hidden2d.stride(0), weight.stride(0), 0 if dh is None else dh.stride(0), float(config.filter_eps),
-        HAS_BIAS=bias is not None, NEED_H=needs[0], NEED_W=needs[1], NEED_B=needs[2], SCATTER_DH=scatter_dh,
+        SCHEDULE=schedule, HAS_BIAS=bias is not None, NEED_H=needs[0], NEED_W=needs[1], NEED_B=needs[2],
+        SCATTER_DH=scatter_dh,
         **dot_options(weight.dtype),
     )
 
@@ -169,14 +151,11 @@ def linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs
             chunk = (index[t], targets[t], lse[t], grad[t])
             if config.deterministic:
                 if need_h:
-                    _launch(linear_backward_dh_kernel, _token_tiles, *args, *chunk, dh, None, None, direct,
-                            (True, False, False))
+                    _launch("tokens", *args, *chunk, dh, None, None, direct, (True, False, False))
             else:
-                _launch(linear_backward_kernel, _all_tiles, *args, *chunk, dh, dweight, dbias, direct,
-                        (need_h, need_w, need_b))
+                _launch("tiles", *args, *chunk, dh, dweight, dbias, direct, (need_h, need_w, need_b))
             if dh is not None and not direct:
                 dhidden.index_copy_(0, index[t], dh.to(hidden2d.dtype))
         if config.deterministic and (need_w or need_b):
-            _launch(linear_backward_dw_kernel, _vocab_tiles, *args, index, targets, lse, grad, None, dweight,
-                    dbias, False, (False, need_w, need_b))
+            _launch("vocab", *args, index, targets, lse, grad, None, dweight, dbias, False, (False, need_w, need_b))
     return dhidden, dweight, None if dbias is None else dbias.to(weight.dtype)

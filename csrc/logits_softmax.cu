@@ -107,6 +107,30 @@ __device__ __forceinline__ MaxSum block_reduce(MaxSum acc) {
   return out;
 }
 
+// f(j) for the row's scalar columns, [0, head) and [tail, vocab), strided over the block.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_scalar(const RowSplit<T>& split, int64_t vocab, F&& f) {
+  for (int64_t j = threadIdx.x; j < split.head; j += kThreads) f(j);
+  for (int64_t j = split.tail + threadIdx.x; j < vocab; j += kThreads) f(j);
+}
+
+// f(i, v) for each 16-byte vector v = vrow[i], i < nvec, strided over the block; every thread has
+// kUnroll loads in flight before it calls f on them.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_vector(const Vec<T>* vrow, int64_t nvec, F&& f) {
+  for (int64_t base = threadIdx.x; base < nvec; base += kThreads * kUnroll) {
+    Vec<T> v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (base + u * kThreads < nvec) v[u] = vrow[base + u * kThreads];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (base + u * kThreads < nvec) f(base + u * kThreads, v[u]);
+    }
+  }
+}
+
 // grid: (n_sel,), block: (kThreads,).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -117,26 +141,13 @@ __global__ void __launch_bounds__(kThreads)
   const T* row = logits + (index ? index[n] : n) * stride;
   const RowSplit<T> split(row, vocab, true);
   MaxSum acc;
-  for (int64_t j = threadIdx.x; j < split.head; j += kThreads) acc.add<1>({to_float(row[j])});
-  for (int64_t j = split.tail + threadIdx.x; j < vocab; j += kThreads) acc.add<1>({to_float(row[j])});
-
-  const V* vrow = reinterpret_cast<const V*>(row + split.head);
-  for (int64_t base = threadIdx.x; base < split.nvec; base += kThreads * kUnroll) {
-    V v[kUnroll];
+  for_each_scalar(split, vocab, [&](int64_t j) { acc.add<1>({to_float(row[j])}); });
+  for_each_vector(reinterpret_cast<const V*>(row + split.head), split.nvec, [&](int64_t, const V& v) {
+    float x[V::kSize];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (base + u * kThreads < split.nvec) v[u] = vrow[base + u * kThreads];
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (base + u * kThreads < split.nvec) {
-        float x[V::kSize];
-#pragma unroll
-        for (int i = 0; i < V::kSize; ++i) x[i] = to_float(v[u].v[i]);
-        acc.add(x);
-      }
-    }
-  }
+    for (int i = 0; i < V::kSize; ++i) x[i] = to_float(v.v[i]);
+    acc.add(x);
+  });
   acc = block_reduce(acc);
   if (threadIdx.x == 0) {
     lse[n] = acc.m + logf(acc.s);
@@ -160,8 +171,7 @@ __global__ void __launch_bounds__(kThreads)
   V* vdst = reinterpret_cast<V*>(dst + split.head);
 
   if (n < 0) {  // row outside the selection: zero
-    for (int64_t j = threadIdx.x; j < split.head; j += kThreads) dst[j] = from_float<T>(0.f);
-    for (int64_t j = split.tail + threadIdx.x; j < vocab; j += kThreads) dst[j] = from_float<T>(0.f);
+    for_each_scalar(split, vocab, [&](int64_t j) { dst[j] = from_float<T>(0.f); });
     V zero;
 #pragma unroll
     for (int i = 0; i < V::kSize; ++i) zero.v[i] = from_float<T>(0.f);
@@ -172,29 +182,13 @@ __global__ void __launch_bounds__(kThreads)
   const float g = grad[n], shift = lse[n];
   const int64_t y = targets[n];
   auto value = [&](int64_t j, float x) { return (j == y ? g : 0.f) - g * __expf(x - shift); };
-  for (int64_t j = threadIdx.x; j < split.head; j += kThreads) dst[j] = from_float<T>(value(j, to_float(in[j])));
-  for (int64_t j = split.tail + threadIdx.x; j < vocab; j += kThreads) {
-    dst[j] = from_float<T>(value(j, to_float(in[j])));
-  }
-
-  const V* vin = reinterpret_cast<const V*>(in + split.head);
-  for (int64_t base = threadIdx.x; base < split.nvec; base += kThreads * kUnroll) {
-    V v[kUnroll];
+  for_each_scalar(split, vocab, [&](int64_t j) { dst[j] = from_float<T>(value(j, to_float(in[j]))); });
+  for_each_vector(reinterpret_cast<const V*>(in + split.head), split.nvec, [&](int64_t i, V v) {
+    const int64_t j0 = split.head + i * V::kSize;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (base + u * kThreads < split.nvec) v[u] = vin[base + u * kThreads];
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + u * kThreads;
-      if (i < split.nvec) {
-        const int64_t j0 = split.head + i * V::kSize;
-#pragma unroll
-        for (int k = 0; k < V::kSize; ++k) v[u].v[k] = from_float<T>(value(j0 + k, to_float(v[u].v[k])));
-        vdst[i] = v[u];
-      }
-    }
-  }
+    for (int k = 0; k < V::kSize; ++k) v.v[k] = from_float<T>(value(j0 + k, to_float(v.v[k])));
+    vdst[i] = v;
+  });
 }
 
 template <typename T>

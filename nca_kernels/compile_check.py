@@ -26,9 +26,13 @@ _ALIGNED = ("H", "stride_h", "stride_w", "stride_dh", "stride", "out_stride")
 
 
 def _arg_type(name: str, dtype: str) -> str:
-    """Triton signature type of a kernel argument, by the package's naming convention."""
-    if name in _INPUT or name == "dw_ptr":
-        return "*" + dtype
+    """Triton signature type of a kernel argument, by the package's naming convention. ``dtype`` is
+    the inputs' (``"bf16"``), or theirs and a float32 dW buffer's (``"bf16+fp32dw"``)."""
+    inputs, _, dw = dtype.partition("+")
+    if name == "dw_ptr":
+        return "*" + (dw.removesuffix("dw") or inputs)
+    if name in _INPUT:
+        return "*" + inputs
     if name == "dh_ptr":  # float32 scratch, or the float32 dhidden itself
         return "*fp32"
     if name in _INDEX:
@@ -74,10 +78,12 @@ def compile_one(kernel, config: triton.Config, dtype: str, flags: dict):
 
 
 def jobs():
-    """Every (kernel, config, dtype, flags) the autotuner may run: all configs in bf16, the first in fp16/fp32."""
+    """Every (kernel, config, dtype, flags) the autotuner may run: all configs in bf16, the first in
+    fp16, fp32 and (kernels that write dW) bf16 with a float32 dW buffer."""
     for kernel, flags in kernels():
+        first = ("bf16", "fp16", "fp32") + (("bf16+fp32dw",) if "dw_ptr" in kernel.fn.arg_names else ())
         for i, config in enumerate(kernel.configs):
-            for dtype in ("bf16", "fp16", "fp32") if i == 0 else ("bf16",):
+            for dtype in first if i == 0 else ("bf16",):
                 yield kernel, config, dtype, flags(dtype)
 
 

@@ -121,3 +121,36 @@ def triton_options(*, filter_eps: float | None = None, deterministic: bool | Non
         yield
     finally:
         set_triton_options(**saved)
+
+
+# Weight-gradient accumulation for 16-bit weights, wherever dW is summed chunk by chunk: the triton
+# and cuda backends' linear passes (token chunks, or the fused kernels' token tiles) and the
+# group-chunked fast mode (prompt-group chunks) on any backend. The torch backend's recompute passes
+# always sum in float32. ``"weight"`` (the default): each chunk's product is added to dW in the
+# weight's dtype, no extra memory, one rounding per chunk. ``"float32"``: dW is summed in a float32
+# buffer (4*V*H bytes beside the gradient) and rounded once. On a CPU model of the headline case's
+# 11 bf16 token chunks, dW's error was 2.8x naive's with "weight" (docs/benchmarks.md).
+# Environment: ``NCA_KERNELS_WEIGHT_GRAD_ACCUM``; or :func:`set_weight_grad_accum` /
+# :func:`weight_grad_accumulation`.
+
+weight_grad_accum: str = os.environ.get("NCA_KERNELS_WEIGHT_GRAD_ACCUM", "weight")
+_ACCUMS = ("weight", "float32")
+
+
+def set_weight_grad_accum(mode: str) -> None:
+    """Set the dW accumulation mode globally: ``"weight"`` or ``"float32"``."""
+    global weight_grad_accum
+    if mode not in _ACCUMS:
+        raise ValueError(f"weight_grad_accum must be one of {_ACCUMS}, got {mode!r}")
+    weight_grad_accum = mode
+
+
+@contextlib.contextmanager
+def weight_grad_accumulation(mode: str):
+    """Context manager form of :func:`set_weight_grad_accum`; restores the previous mode."""
+    saved = weight_grad_accum
+    set_weight_grad_accum(mode)
+    try:
+        yield
+    finally:
+        set_weight_grad_accum(saved)

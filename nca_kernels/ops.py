@@ -18,7 +18,7 @@ import torch
 
 from . import losses
 from .backends import get_backend, rowchunk
-from .backends.torch_chunked import accum_dtype
+from .backends.torch_chunked import accum_dtype, cast, weight_grad_buffer
 
 
 @dataclass
@@ -139,7 +139,7 @@ class GroupedNCALoss(torch.autograd.Function):
         tokens = Tokens.from_labels(labels, ignore_index, average, acc)
         needs = ctx.needs_input_grad
         dhidden = torch.zeros_like(hidden2d) if needs[0] else None
-        dweight = torch.zeros_like(weight) if needs[1] else None
+        dweight = weight_grad_buffer(weight) if needs[1] else None
         dbias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None and needs[2] else None
         policy = torch.zeros(b, k, dtype=acc, device=hidden.device)
         model_rewards = torch.zeros(b, k, dtype=acc, device=hidden.device)
@@ -171,8 +171,8 @@ class GroupedNCALoss(torch.autograd.Function):
                 rowchunk.chunk_grads_(be, buf, hidden2d, weight, tokens.index[s], tokens.targets[s], lse[local],
                                       shift, grad_tok[local], dhidden, dweight, dbias)
         ctx.save_for_backward(
-            None if dhidden is None else dhidden.view_as(hidden), dweight,
-            None if dbias is None else dbias.to(weight.dtype),
+            None if dhidden is None else dhidden.view_as(hidden),
+            cast(dweight, weight.dtype), cast(dbias, weight.dtype),
         )
         ctx.mark_non_differentiable(policy, model_rewards)
         return total, policy, model_rewards

@@ -8,8 +8,9 @@
 
 Buffers and matmul outputs are in the input dtype (as cuBLAS returns them), identical in forward
 and backward, so the softmax of the backward is consistent with the forward's logsumexp;
-statistics are reduced in float32 by the logits kernels; ``dW`` accumulates across token chunks in
-the weight's dtype (exact for float32, one bf16 rounding per chunk otherwise).
+statistics are reduced in float32 by the logits kernels; ``dW`` accumulates across chunks in the
+buffer of :func:`~nca_kernels.backends.torch_chunked.weight_grad_buffer` (the weight's dtype by
+default: one rounding per chunk for 16-bit weights; float32 with ``config.weight_grad_accum``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import config
-from .torch_chunked import accum_dtype
+from .torch_chunked import accum_dtype, addmm_, cast, weight_grad_buffer
 
 
 def rows_per_chunk(weight: torch.Tensor) -> tuple[int, int]:
@@ -61,7 +62,7 @@ def chunk_grads_(be, buf, hidden2d, weight, index, targets, lse, shift, grad_tok
     if dhidden is not None:
         dhidden.index_copy_(0, index, dl @ weight)
     if dweight is not None:
-        dweight.addmm_(dl.t(), hidden2d.index_select(0, index))
+        addmm_(dweight, dl.t(), hidden2d.index_select(0, index))
 
 
 def tile_shape(n: int, weight: torch.Tensor) -> tuple[int, int]:
@@ -116,7 +117,7 @@ def linear_backward(be, hidden2d, weight, bias, index, targets, lse, grad_tok, n
     need_h, need_w, need_b = needs
     acc = accum_dtype(weight.dtype)
     dhidden = torch.zeros_like(hidden2d) if need_h else None
-    dweight = torch.zeros_like(weight) if need_w else None
+    dweight = weight_grad_buffer(weight) if need_w else None
     dbias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
     for r, vtiles in _tiles(index.numel(), weight):
         h = hidden2d.index_select(0, index[r])
@@ -129,8 +130,8 @@ def linear_backward(be, hidden2d, weight, bias, index, targets, lse, grad_tok, n
             if need_h:
                 dh += dl @ weight[v0:v1]
             if need_w:
-                dweight[v0:v1].addmm_(dl.t(), h)
+                addmm_(dweight[v0:v1], dl.t(), h)
             del dl
         if need_h:
             dhidden.index_copy_(0, index[r], dh.to(hidden2d.dtype))
-    return dhidden, dweight, None if dbias is None else dbias.to(weight.dtype)
+    return dhidden, cast(dweight, weight.dtype), cast(dbias, weight.dtype)

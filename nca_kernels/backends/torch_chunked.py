@@ -19,6 +19,27 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def weight_grad_buffer(weight: torch.Tensor) -> torch.Tensor:
+    """A zeroed dW accumulator ``(V, H)`` for paths that sum dW chunk by chunk: float32 for a 16-bit
+    weight when ``config.weight_grad_accum == "float32"``, else the weight's dtype."""
+    wide = config.weight_grad_accum == "float32" and weight.element_size() < 4
+    return torch.zeros(weight.shape, dtype=torch.float32 if wide else weight.dtype, device=weight.device)
+
+
+def addmm_(out, a, b):
+    """``out += a @ b``, without a temporary when dtypes agree (else the product, rounded to the
+    operands' dtype, is added in ``out``'s)."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b)
+    else:
+        out.add_(a @ b)
+
+
+def cast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``x`` in ``dtype`` (no copy when it already is); None stays None."""
+    return None if x is None else x.to(dtype)
+
+
 def available(device: torch.device) -> str | None:
     return None
 
@@ -83,14 +104,6 @@ def linear_forward(hidden2d, weight, bias, index, targets):
     return lse, tgt
 
 
-def _addmm_(out, a, b):
-    """``out += a @ b`` without a temporary when dtypes agree."""
-    if out.dtype == a.dtype:
-        out.addmm_(a, b)
-    else:
-        out += (a @ b).to(out.dtype)
-
-
 def linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs):
     """Per tile: ``P = -g * exp(logits - lse)`` in place, then ``dH += P @ W``, ``dW += P^T @ h``,
     ``db += sum(P)``; the one-hot part (``g`` at each target) is added once per token chunk."""
@@ -113,9 +126,9 @@ def linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs
                 dbias[v0:v1] += p.sum(0)
             p = p.to(dtype)
             if need_h:
-                _addmm_(dh, p, weight[v0:v1])
+                addmm_(dh, p, weight[v0:v1])
             if need_w:
-                _addmm_(dweight[v0:v1], p.t(), h)
+                addmm_(dweight[v0:v1], p.t(), h)
             del p
         # the one-hot part, once per token chunk: g at each row's target
         if need_b:
@@ -128,8 +141,7 @@ def linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs
                 dhidden[t0:t1] = dh
             else:
                 dhidden.index_copy_(0, index[t0:t1], dh.to(dtype))
-    cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
-    return dhidden, cast(dweight), cast(dbias)
+    return dhidden, cast(dweight, dtype), cast(dbias, dtype)
 
 
 def logits_forward(logits2d, index, targets):

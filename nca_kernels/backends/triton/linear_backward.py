@@ -11,7 +11,8 @@ Two schedules, both recomputing each logit tile once more than the forward:
 Measured on an H100 at the headline config (``benchmarks/results/triton_h100.json``): forward +
 backward 118 ms with atomics against 638 ms deterministic, hence the default.
 
-dW is accumulated in the weight's dtype (one rounding per token tile for 16-bit weights). dH of
+dW is accumulated in the weight's dtype (one rounding per token tile for 16-bit weights), or in
+float32 with ``config.weight_grad_accum = "float32"``. dH of
 16-bit inputs is accumulated in a float32 scratch of at most ``config.scratch_bytes`` (token
 chunks), then rounded once; float32 inputs accumulate straight into the outputs.
 With ``config.filter_eps > 0``, tiles whose every gradient entry is below it skip the dH and dW
@@ -25,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ... import config
+from ..torch_chunked import cast, weight_grad_buffer
 from . import tuning
 from .linear_forward import dot_options
 from .tiles import accumulate, grad_tile, logit_tile
@@ -136,7 +138,7 @@ def linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs
     need_h, need_w, need_b = needs
     n, (v, h) = index.numel(), weight.shape
     dhidden = torch.zeros_like(hidden2d) if need_h else None
-    dweight = torch.zeros_like(weight) if need_w else None
+    dweight = weight_grad_buffer(weight) if need_w else None
     dbias = torch.zeros(v, dtype=torch.float32, device=weight.device) if need_b else None
     if n and any(needs):
         args = (hidden2d, weight, bias)
@@ -158,4 +160,4 @@ def linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs
                 dhidden.index_copy_(0, index[t], dh.to(hidden2d.dtype))
         if config.deterministic and (need_w or need_b):
             _launch("vocab", *args, index, targets, lse, grad, None, dweight, dbias, False, (False, need_w, need_b))
-    return dhidden, dweight, None if dbias is None else dbias.to(weight.dtype)
+    return dhidden, cast(dweight, weight.dtype), cast(dbias, weight.dtype)

@@ -44,6 +44,7 @@ class Case:
     alpha: float = 1.0
     beta: float = 0.1
     floor: bool = False  # also time "the three matmuls" on this case
+    logits: str = "random"  # or "peaked": trained-looking logits (see :func:`peaked`)
 
     @property
     def S(self) -> int:
@@ -60,7 +61,7 @@ class Case:
 
     def label(self) -> str:
         return (f"{self.name}: B={self.B} K={self.K} T={self.T} (N={self.tokens} response) "
-                f"H={self.H} V={self.V} {self.dtype}")
+                f"H={self.H} V={self.V} {self.dtype}" + (f" {self.logits} logits" if self.logits != "random" else ""))
 
     @property
     def reference_flops(self) -> int:
@@ -87,6 +88,7 @@ class Problem:
     beta: float
     alpha: float
     loss_type: str
+    peaked: bool = False  # trained-looking logits (gradient filtering is only measured on these)
 
     @property
     def loss_kwargs(self) -> dict:
@@ -94,6 +96,24 @@ class Problem:
 
     def leaves(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.hidden, self.weight
+
+
+def peaked(hidden, weight, labels, zipf=1.5):
+    """Trained-looking logits: a Zipf prior ``-zipf * log(v + 1)`` over the vocabulary (weight
+    column 0 against hidden feature 1.0) plus a spike of about +8 on each label (hidden rows
+    pulled towards their label's weight row). The softmax has a head of about a hundred tokens
+    above 2**-12 and a tail holding a few percent of the mass (at the headline case;
+    ``benchmarks/triton_tune.py`` reports it), unlike random weights' flat softmax that filtering
+    would skip entirely. Returns new ``(hidden, weight)``."""
+    v = weight.shape[0]
+    weight, hidden = weight.clone(), hidden.clone()
+    prior = -zipf * torch.log1p(torch.arange(v, device=weight.device, dtype=torch.float32))
+    weight[:, 0] = prior.to(weight.dtype)
+    rows = weight[labels.clamp(min=0)].float()
+    rows[..., 0] = 0
+    hidden = (rows * (8.0 / rows.pow(2).sum(-1, keepdim=True)) + 0.1 * hidden.float()).to(hidden.dtype)
+    hidden[..., 0] = 1.0
+    return hidden, weight
 
 
 def make_problem(case: Case, device: torch.device, seed: int = 0) -> Problem:
@@ -106,12 +126,16 @@ def make_problem(case: Case, device: torch.device, seed: int = 0) -> Problem:
     weight = torch.randn(case.V, case.H, generator=g, device=device, dtype=dtype).div_(case.H ** 0.5)
     labels = torch.randint(0, case.V, (case.S, case.T), generator=g, device=device)
     labels[:, : case.prompt_len] = IGNORE
+    if case.logits == "peaked":
+        hidden, weight = peaked(hidden, weight, labels)
+    elif case.logits != "random":
+        raise ValueError(f"logits must be 'random' or 'peaked', got {case.logits!r}")
     rewards = torch.randn(case.B, case.K, generator=g, device=device)
     with torch.no_grad():
         logps = nca_kernels.sequence_logprobs(hidden, weight, labels, backend="torch").float().view(case.B, case.K)
     noise = torch.randn(case.B, case.K, generator=g, device=device) / case.beta
     return Problem(hidden.requires_grad_(), weight.requires_grad_(), labels, rewards, logps + noise,
-                   case.beta, case.alpha, case.loss_type)
+                   case.beta, case.alpha, case.loss_type, peaked=case.logits == "peaked")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,15 +192,30 @@ def naive(problem: Problem, device: torch.device, opts: Options) -> Prepared | s
 
 # --- ours ---------------------------------------------------------------------------------------
 
-def ours(backend: str, recompute: bool):
+#: ``filter_eps`` of the filtered row: DESIGN.md's ~2**-12.
+FILTER_EPS = 2.0**-12
+
+
+def ours(backend: str, recompute: bool, filter_eps: float = 0.0):
     def adapter(problem: Problem, device: torch.device, opts: Options) -> Prepared | str:
         reason = unavailable_reason(backend, device)
         if reason is not None:
             return reason
+        if filter_eps and not problem.peaked:
+            return "gradient filtering is measured on trained-looking logits only (run.py --logits peaked)"
         p = problem
-        return backward_step(p.leaves(), lambda: nca_kernels.fused_nca_loss(
+        prepared = backward_step(p.leaves(), lambda: nca_kernels.fused_nca_loss(
             p.hidden, p.weight, p.labels, p.rewards, p.ref_logps, **p.loss_kwargs,
             recompute=recompute, backend=backend))
+        if not filter_eps:
+            return prepared
+        unfiltered = prepared.step
+
+        def step():  # the option is read in forward and backward: hold it over the whole step
+            with nca_kernels.config.triton_options(filter_eps=filter_eps):
+                return unfiltered()
+
+        return dataclasses.replace(prepared, step=step, note=f"filter_eps={filter_eps:g} (fused backward)")
 
     return adapter
 
@@ -300,6 +339,7 @@ def implementations(device: torch.device) -> dict[str, Callable]:
     for backend in ("torch", "triton", "cuda"):
         impls[f"ours[{backend},recompute]"] = ours(backend, True)
         impls[f"ours[{backend},group]"] = ours(backend, False)
+    impls["ours[triton,recompute,filter]"] = ours("triton", True, FILTER_EPS)
     impls["liger[nca_pair]"] = liger
     impls["trl[chunked_logprob]"] = trl
     if device.type == "cuda":

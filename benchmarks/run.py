@@ -509,6 +509,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--err-flops", type=float, default=None,
                     help="largest float64 reference (6*S*T*H*V flops) checked at full size; larger cases are "
                          f"checked on a reduced instance (default {ERR_FLOPS}, CPU --quick 1e11)")
+    ap.add_argument("--logits", choices=("random", "peaked"), default="random",
+                    help="inputs: random weights (flat softmax), or trained-looking peaked logits (peers.peaked), "
+                         "the only inputs on which the gradient-filtering rows run")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's); 1 is steadier on a shared machine")
     ap.add_argument("--out", default=None)
@@ -536,6 +539,7 @@ def main(argv=None) -> dict:
         cases = sweep(args.device, args.quick, args.smoke)
     if args.cases:
         cases = [c for c in cases if any(name in c.name for name in args.cases)]
+    cases = [dataclasses.replace(c, logits=args.logits) for c in cases]
 
     result = {
         "device": device_name(device), "device_type": device.type,

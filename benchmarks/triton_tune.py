@@ -11,7 +11,7 @@ backward in bf16 (first half of every sequence prompt):
   ``logits = h @ W.T``, ``dH = dl @ W``, ``dW = dl.T @ h`` over the response rows (the floor);
 - peak memory beyond the inputs and their gradients;
 - the autotuner's pick for every kernel;
-- with ``filter_eps = 2**-12`` on trained-looking logits (see :func:`peaked`): time and error.
+- with ``filter_eps = 2**-12`` on trained-looking logits (:func:`benchmarks.peers.peaked`): time and error.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from benchmarks.peers import peaked
 from nca_kernels import chunk_bytes, config, sequence_logprobs
 
 IGNORE = -100
@@ -38,23 +39,6 @@ def batch(b, k, t, h, v, dtype, seed=0):
     labels = torch.randint(0, v, (b * k, t), generator=g, device="cuda")
     labels[:, : t // 2] = IGNORE
     return hidden, weight, labels
-
-
-def peaked(hidden, weight, labels, zipf=1.5):
-    """Trained-looking logits: a Zipf prior ``-zipf * log(v + 1)`` over the vocabulary (weight
-    column 0 against hidden feature 1.0) plus a spike of about +8 on each label (hidden rows
-    pulled towards their label's weight row). The softmax has a head of about a hundred tokens
-    above 2**-12 and a tail holding a few percent of the mass (``tail_mass_below_eps`` reports
-    it), unlike random weights' flat softmax that filtering would skip entirely."""
-    v = weight.shape[0]
-    weight, hidden = weight.clone(), hidden.clone()
-    prior = -zipf * torch.log1p(torch.arange(v, device=weight.device, dtype=torch.float32))
-    weight[:, 0] = prior.to(weight.dtype)
-    rows = weight[labels.clamp(min=0)].float()
-    rows[..., 0] = 0
-    hidden = (rows * (8.0 / rows.pow(2).sum(-1, keepdim=True)) + 0.1 * hidden.float()).to(hidden.dtype)
-    hidden[..., 0] = 1.0
-    return hidden, weight
 
 
 def tail_mass(hidden, weight, labels, eps, rows=64):

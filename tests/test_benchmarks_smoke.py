@@ -61,3 +61,71 @@ def test_reference_in_chunks_is_the_naive_reference():
         torch.testing.assert_close(got_loss, loss.detach(), rtol=1e-12, atol=0)
         torch.testing.assert_close(dh, h.grad, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(dw, w.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_peaked_logits_have_a_head_and_a_tail():
+    """The gradient-filtering rows run on ``--logits peaked`` inputs: a softmax with a short head
+    above 2**-12 and a tail below it that still holds some mass (random weights give a flat softmax
+    with most entries above it, on which filtering would look better than it is)."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from benchmarks import peers
+
+    eps, v = 2.0**-12, 2000
+
+    def head_and_tail(logits):
+        problem = peers.make_problem(peers.Case("t", B=1, K=2, T=64, H=64, V=v, logits=logits), torch.device("cpu"))
+        mask = problem.labels != peers.IGNORE
+        p = torch.softmax(problem.hidden[mask].detach() @ problem.weight.detach().t(), -1)
+        return float((p >= eps).sum(1).float().mean()), float((p * (p < eps)).sum(1).mean())
+
+    head, tail = head_and_tail("peaked")
+    assert head < 0.15 * v and tail > 0.005
+    assert head_and_tail("random")[0] > 0.4 * v
+
+
+def test_run_peaked_smoke(tmp_path):
+    out = tmp_path / "peaked.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--device", "cpu", "--smoke",
+                           "--logits", "peaked", "--only", "naive", "ours[torch,recompute]", "filter",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} - {"three_matmuls"} == {"naive", "ours[torch,recompute]",
+                                                            "ours[triton,recompute,filter]"}
+    for r in rows:
+        if r["impl"] == "three_matmuls":
+            continue
+        assert r["logits"] == "peaked" and r["config"].endswith("peaked logits"), r
+        if r["impl"] == "ours[triton,recompute,filter]":
+            assert r["status"] == "skip" and "triton" in r["reason"], r  # no GPU, no interpreter here
+        else:
+            assert r["status"] == "ok" and r["grad_err"] < 1e-4, r
+
+
+def test_filter_row_filters_forward_and_backward():
+    """The filtered row runs on peaked inputs only, and holds ``filter_eps`` over its whole step
+    (backward included): with an eps above every gradient entry, the Triton backward skips every
+    tile (in the interpreter here)."""
+    import dataclasses
+
+    import pytest
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from benchmarks import peers
+    from nca_kernels.backends import unavailable_reason
+
+    cpu = torch.device("cpu")
+    if unavailable_reason("triton", cpu) is not None:
+        pytest.skip("needs the Triton interpreter")
+    case = peers.Case("t", B=1, K=2, T=12, H=16, V=40, logits="peaked")
+    flat = peers.make_problem(dataclasses.replace(case, logits="random"), cpu)
+    assert "peaked" in peers.ours("triton", True, 1e-3)(flat, cpu, peers.Options())  # refused, with the reason
+    problem = peers.make_problem(case, cpu)
+    loss, dh, dw = peers.ours("triton", True, 0.9)(problem, cpu, peers.Options()).step()
+    assert torch.isfinite(loss) and dh.abs().max() == 0 and dw.abs().max() == 0
+    loss, dh, dw = peers.ours("triton", True)(problem, cpu, peers.Options()).step()
+    assert dh.abs().max() > 0 and dw.abs().max() > 0

@@ -324,6 +324,8 @@ def test_weight_grad_float32_accumulation(device, backend, schedule):
     if backend == "torch" and schedule == "recompute":
         assert errors["float32"] == errors["weight"] <= 1.5 * naive
         return
-    # in 12 seeds (torch, group): float32 at 1.1-1.25x naive's error, weight at 1.35-2.6x float32's
+    # in 12 seeds (torch, group): float32 at 1.1-1.25x naive's error, weight at 1.35-2.6x float32's.
+    # Under the Triton interpreter float32 reaches 1.4-1.5x: it rounds float32 -> bf16 stores
+    # toward zero (GPUs round to nearest), so its logit gradients carry about twice the rounding.
     assert errors["float32"] <= 2 * naive, (errors, naive)
     assert interpreted or errors["weight"] >= 1.2 * errors["float32"], errors

@@ -93,6 +93,9 @@ def test_other_entry_points_validate(batch):
         nk.FusedNCALoss(loss_type="sigmoid")
     with pytest.raises(ValueError, match="tile must be a positive"):
         nk.set_chunk_bytes(tile=0)
+    with pytest.raises(ValueError, match="weight_grad_accum must be one of"):
+        nk.config.set_weight_grad_accum("bf16")
+    assert nk.config.weight_grad_accum == "weight"  # unchanged by the refused value
 
 
 def test_unavailable_backend_explains(batch):

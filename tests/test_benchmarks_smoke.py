@@ -129,3 +129,23 @@ def test_filter_row_filters_forward_and_backward():
     assert torch.isfinite(loss) and dh.abs().max() == 0 and dw.abs().max() == 0
     loss, dh, dw = peers.ours("triton", True)(problem, cpu, peers.Options()).step()
     assert dh.abs().max() > 0 and dw.abs().max() > 0
+
+
+def test_tile_sweep_forces_each_shape():
+    """benchmarks/tile_sweep.py (a GPU tuning aid) on a tiny case in the Triton interpreter: each
+    forced tile shape runs, and taller tiles (fewer token chunks) change the dW rounding."""
+    import pytest
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from benchmarks import tile_sweep
+    from nca_kernels.backends import unavailable_reason
+
+    if unavailable_reason("triton", torch.device("cpu")) is not None:
+        pytest.skip("needs the Triton interpreter")
+    result = tile_sweep.main(["--device", "cpu", "--case", "1,2,64,32,300", "--rows", "16", "32", "--cols", "512",
+                              "--backends", "triton"])
+    rows = result["rows"]
+    assert [(r["rows"], r["cols"], r["chunks"]) for r in rows] == [(16, 300, 4), (32, 300, 2)]
+    assert all(r["median_ms"] > 0 and r["grad_err"] < 2e-2 for r in rows), rows
+    assert rows[0]["dw_err"] != rows[1]["dw_err"]

@@ -1,0 +1,126 @@
+"""Tile shapes of the GPU recompute schedule (``rowchunk``: cuBLAS tiles and from-logits kernels),
+side by side at one case: time, peak memory beyond the gradients, and full-size gradient error.
+
+    python benchmarks/tile_sweep.py --out benchmarks/results/tile_sweep_h100.json \
+        --md benchmarks/results/tile_sweep_h100.md
+
+Each (token rows x vocab columns) shape is forced for its run by standing in for
+``rowchunk.tile_shape`` (a tuning aid: the package picks its shape from ``config.tile_budget``).
+Taller tiles mean fewer token chunks: fewer passes over the weight and fewer bf16 roundings of dW
+(``benchmarks/accumulation.py``), at more memory per token row (its gathered hidden row, a float32
+dH accumulator row and a dH product row). The issue-3 memory target is 64 MiB beyond the inputs
+and their gradients. The default run times the headline case on CUDA; ``--device cpu`` under
+``TRITON_INTERPRET=1`` with a tiny ``--case`` only exercises the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+from unittest import mock
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from benchmarks import peers, run
+from nca_kernels.backends import rowchunk, unavailable_reason
+
+MiB = 1 << 20
+
+
+def tile_bytes(rows: int, cols: int, case: peers.Case) -> int:
+    """Scratch of one tile as ``rowchunk.tile_shape`` counts it: logits plus three per-row operands."""
+    size = peers.DTYPES[case.dtype].itemsize
+    return rows * cols * size + rows * (2 * size + 4) * case.H
+
+
+def shapes(case: peers.Case, rows_list, cols_list, max_bytes: int) -> list[tuple[int, int]]:
+    out = [(r, min(c, case.V)) for r in rows_list for c in cols_list
+           if r <= case.tokens and tile_bytes(r, min(c, case.V), case) <= max_bytes]
+    return sorted(set(out))
+
+
+def measure(backend: str, shape, problem, case, device, args, ref) -> dict:
+    """One backend with one forced tile shape: peak beyond the gradients, median ms, errors."""
+    row = {"backend": backend, "rows": shape[0], "cols": shape[1], "chunks": -(-case.tokens // shape[0]),
+           "tile_mib": tile_bytes(*shape, case) / MiB}
+    with mock.patch.object(rowchunk, "tile_shape", lambda n, weight: (min(n, shape[0]), shape[1])):
+        prepared = peers.ours(backend, True)(problem, device, peers.Options())
+        grads = sum(x.numel() * x.element_size() for x in prepared.leaves)
+        row["extra_mib"] = (run.measure_peak(prepared, device) - grads) / MiB
+        row["median_ms"] = (run.time_do_bench(prepared.step, args.rep_ms) if device.type == "cuda"
+                            else run.time_interleaved({backend: prepared.step}, device, 1, 0)[0][backend][0])
+        got = prepared.step()
+        row.update(run.grad_error(got, ref))
+        run.clear(prepared)
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--case", default=None, help="B,K,T,H,V (default: the headline case)")
+    ap.add_argument("--rows", type=int, nargs="*", default=[512, 768, 1024, 1536, 2048])
+    ap.add_argument("--cols", type=int, nargs="*", default=[2048, 4096, 8192, 16384, 32768])
+    ap.add_argument("--max-mib", type=float, default=96, help="leave out shapes whose tile scratch exceeds this")
+    ap.add_argument("--backends", nargs="*", default=["cuda", "triton"])
+    ap.add_argument("--rep-ms", type=int, default=300)
+    ap.add_argument("--out")
+    ap.add_argument("--md")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    case = run.HEADLINE
+    if args.case:
+        b, k, t, h, v = (int(x) for x in args.case.split(","))
+        case = dataclasses.replace(case, name="custom", B=b, K=k, T=t, H=h, V=v)
+    problem = peers.make_problem(case, device)
+    ref = run.References(device).get(problem)
+    floor = peers.three_matmuls(problem, device, peers.Options())
+    floor_ms = (run.time_do_bench(floor.step, args.rep_ms) if device.type == "cuda"
+                else run.time_interleaved({"floor": floor.step}, device, 1, 0)[0]["floor"][0])
+    rows, skipped = [], {}
+    for backend in args.backends:
+        reason = unavailable_reason(backend, device)
+        if reason is not None:
+            skipped[backend] = reason
+            continue
+        for shape in shapes(case, args.rows, args.cols, int(args.max_mib * MiB)):
+            try:
+                row = measure(backend, shape, problem, case, device, args, ref)
+            except Exception as exc:  # an OOM or a failing shape is reported, not fatal
+                row = {"backend": backend, "rows": shape[0], "cols": shape[1],
+                       "error": f"{type(exc).__name__}: {exc}"[:300]}
+                run.free(device)
+            row["time_vs_matmuls"] = row["median_ms"] / floor_ms if "median_ms" in row else None
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    result = {"device": run.device_name(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "versions": peers.versions(), "source": run.source_state(), "case": case.label(),
+              "three_matmuls_ms": floor_ms, "skipped": skipped, "rows": rows}
+    lines = [f"{result['device']}, {result['date'][:10]}: {case.label()}; the three matmuls {floor_ms:.1f} ms.", "",
+             "| backend | tile rows x cols | token chunks | tile MiB | extra MiB | ms | / 3 matmuls | dH err "
+             "| dW err |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['backend']} | {r['rows']} x {r['cols']} | | | | | | | {r['error'][:60]} |")
+            continue
+        lines.append(f"| {r['backend']} | {r['rows']} x {r['cols']} | {r['chunks']} | {r['tile_mib']:.0f} | "
+                     f"{r['extra_mib']:.0f} | {r['median_ms']:.1f} | {r['time_vs_matmuls']:.2f} | "
+                     f"{r['dh_err']:.1e} | {r['dw_err']:.1e} |")
+    print("\n".join(lines))
+    for path, text in ((args.out, json.dumps(result, indent=1)), (args.md, "\n".join(lines) + "\n")):
+        if path:
+            with open(path, "w") as f:
+                f.write(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -149,3 +149,15 @@ def test_tile_sweep_forces_each_shape():
     assert [(r["rows"], r["cols"], r["chunks"]) for r in rows] == [(16, 300, 4), (32, 300, 2)]
     assert all(r["median_ms"] > 0 and r["grad_err"] < 2e-2 for r in rows), rows
     assert rows[0]["dw_err"] != rows[1]["dw_err"]
+
+
+def test_reduced_instance_only_past_the_float64_budget():
+    sys.path.insert(0, ROOT)
+    from benchmarks import peers
+
+    case = peers.Case("c", B=4, K=2, T=512, H=64, V=1000)
+    assert case.reduced(case.reference_flops) is case  # within budget: checked at full size
+    small = case.reduced(case.reference_flops / 10)  # fewer prompts first, then shorter sequences
+    assert small.reference_flops <= case.reference_flops / 10 and small.B == 1 and small.T < case.T
+    assert (small.K, small.H, small.V, small.dtype) == (case.K, case.H, case.V, case.dtype)
+    assert "reduced" in small.label()

@@ -1,20 +1,21 @@
 """Fused linear backward: recompute logit tiles, form ``grad * (onehot - softmax)`` on chip, and
 accumulate ``dH = dl @ W``, ``dW = dl.T @ H`` and ``db = sum(dl)`` without holding any logits.
 
-Two schedules, both recomputing each logit tile once more than the forward:
+Two schedules, both recomputing each logit tile once more than the forward, from one kernel
+whose ``SCHEDULE`` constexpr picks the loop:
 
-- default: one program per (token tile, vocabulary tile), products added with atomics;
-- deterministic (``config.deterministic``): split passes without atomics, one walking the
-  vocabulary per token tile (dH), one walking the tokens per vocabulary tile (dW, db); each
+- default (``"tiles"``): one program per (token tile, vocabulary tile), products added with atomics;
+- deterministic (``config.deterministic``): split passes without atomics, ``"tokens"`` walking the
+  vocabulary per token tile (dH), ``"vocab"`` walking the tokens per vocabulary tile (dW, db); each
   recomputes the logits, so it costs one more forward, and the dH pass has few programs.
 
 Measured on an H100 at the headline config (``benchmarks/results/triton_h100.json``): forward +
 backward 118 ms with atomics against 638 ms deterministic, hence the default.
 
 dW is accumulated in the weight's dtype (one rounding per token tile for 16-bit weights), or in
-float32 with ``config.weight_grad_accum = "float32"``. dH of
-16-bit inputs is accumulated in a float32 scratch of at most ``config.scratch_bytes`` (token
-chunks), then rounded once; float32 inputs accumulate straight into the outputs.
+float32 with ``config.weight_grad_accum = "float32"``. dH of 16-bit inputs is accumulated in a
+float32 scratch of at most ``config.scratch_bytes`` (token chunks), then rounded once; float32
+inputs accumulate straight into the outputs.
 With ``config.filter_eps > 0``, tiles whose every gradient entry is below it skip the dH and dW
 products (db stays exact).
 """

@@ -20,6 +20,7 @@ else:
     CASES = [run.FOUNDATION, run.pair_case("tokens", 1024, 256, 256, 32000, "fp32")]
 IMPLS = {**peers.implementations(DEVICE), "three_matmuls": peers.three_matmuls}
 OPTS = peers.Options(compile_peers=True)
+REFS = run.References(DEVICE)  # float64 references, shared by the implementations of a case
 
 _problems: dict = {}
 
@@ -52,7 +53,8 @@ def test_fwd_bwd(benchmark, impl, case):
     benchmark.extra_info["tokens"] = case.tokens
     benchmark.pedantic(prepared.step, rounds=3 if DEVICE.type == "cpu" else 10, warmup_rounds=1)
     run.clear(prepared)
-    err = run.check_error(IMPLS[impl], prepared, problem, case, DEVICE, OPTS, run.References(DEVICE), DEVICE)
+    err = run.check_error(IMPLS[impl], prepared, problem, case, DEVICE, OPTS, REFS, DEVICE,
+                          err_flops=run.ERR_FLOPS[DEVICE.type])
     benchmark.extra_info.update(err)
     if "grad_err" in err and not impl.startswith("cce"):  # CCE filters small gradients by design
         assert err["grad_err"] < (1e-4 if case.dtype == "fp32" else 5e-2), err

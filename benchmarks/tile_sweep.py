@@ -62,6 +62,23 @@ def measure(backend: str, shape, problem, case, device, args, ref) -> dict:
     return row
 
 
+def profile(backend: str, problem, device, rows: int = 40) -> str:
+    """torch.profiler's table (kernels by total device time, else CPU time) of one recompute step
+    with the package's own tile shape, after a warm-up step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    prepared = peers.ours(backend, True)(problem, device, peers.Options())
+    prepared.step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profiler(activities=activities) as prof:
+        prepared.step()
+        run.sync(device)
+    run.clear(prepared)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -71,6 +88,9 @@ def main(argv=None):
     ap.add_argument("--max-mib", type=float, default=96, help="leave out shapes whose tile scratch exceeds this")
     ap.add_argument("--backends", nargs="*", default=["cuda", "triton"])
     ap.add_argument("--rep-ms", type=int, default=300)
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one step per backend with the package's own tile shape (printed, and "
+                         "saved next to --md as *.profile.txt)")
     ap.add_argument("--out")
     ap.add_argument("--md")
     args = ap.parse_args(argv)
@@ -100,6 +120,13 @@ def main(argv=None):
             row["time_vs_matmuls"] = row["median_ms"] / floor_ms if "median_ms" in row else None
             rows.append(row)
             print(json.dumps(row), flush=True)
+        if args.profile:
+            table = profile(backend, problem, device)
+            print(table)
+            if args.md:
+                shape = rowchunk.tile_shape(case.tokens, problem.weight)
+                with open(f"{os.path.splitext(args.md)[0]}.{backend}.profile.txt", "w") as f:
+                    f.write(f"{run.device_name(device)}: {case.label()}, tiles of {shape[0]} x {shape[1]}\n{table}")
     result = {"device": run.device_name(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "versions": peers.versions(), "source": run.source_state(), "case": case.label(),
               "three_matmuls_ms": floor_ms, "skipped": skipped, "rows": rows}

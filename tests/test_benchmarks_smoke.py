@@ -161,3 +161,20 @@ def test_reduced_instance_only_past_the_float64_budget():
     assert small.reference_flops <= case.reference_flops / 10 and small.B == 1 and small.T < case.T
     assert (small.K, small.H, small.V, small.dtype) == (case.K, case.H, case.V, case.dtype)
     assert "reduced" in small.label()
+
+
+def test_run_quick(tmp_path):
+    """``run.py --device cpu --quick`` (issue 5's CPU sweep, one timed round here): every case and
+    output file, every row ok or skipped with its reason; no timing assertions."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out, md, png = tmp_path / "quick.json", tmp_path / "quick.md", tmp_path / "quick.png"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--device", "cpu", "--quick",
+                           "--reps", "1", "--out", str(out), "--md", str(md), "--plot", str(png)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["name"] for r in rows} == {"foundation", "tokens"}
+    assert all(r["status"] == "ok" or (r["status"] == "skip" and r["reason"]) for r in rows), rows
+    ours = [r for r in rows if r["impl"] in ("naive", "ours[torch,recompute]", "ours[torch,group]")]
+    assert len(ours) == 3 * 4 and all(r["status"] == "ok" and r["grad_err"] < 1e-4 for r in ours), ours
+    assert "issue-2 targets" in proc.stdout and md.read_text().count("**") >= 8 and png.stat().st_size > 0

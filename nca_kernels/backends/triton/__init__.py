@@ -3,7 +3,8 @@
 The four passes of the backend protocol (see :mod:`nca_kernels.backends`). Runs on CUDA, and on
 CPU only under ``TRITON_INTERPRET=1`` (set before this module is imported). Inputs in bf16, fp16
 or fp32 accumulate in float32; float64 inputs, which the GPU tensor cores do not serve, go to
-the chunked PyTorch backend.
+the chunked PyTorch backend. Under the interpreter (triton 3.7) float32 -> bf16 casts round toward
+zero where GPUs round to nearest even, so 16-bit results there carry up to twice the rounding.
 """
 
 from __future__ import annotations

@@ -30,19 +30,25 @@ def _grads(out, leaves):
     return torch.autograd.grad(out, leaves, allow_unused=True)
 
 
-def _check_against_reference(batch, fn, ref_fn, dtype):
-    """Run ``fn`` on ``batch`` in ``dtype`` and ``ref_fn`` in float64; compare value and gradients."""
+def _check_against_reference(batch, fn, ref_fn, dtype, tol32=None):
+    """Run ``fn`` on ``batch`` in ``dtype`` and ``ref_fn`` in float64; compare value and gradients.
+    ``tol32``: for float32, each gradient's largest error relative to its largest reference entry
+    instead of elementwise closeness."""
+    tol = _tol(dtype)
     got_b, ref_b = batch.cast(dtype), batch.cast(f64)
     got = fn(got_b)
     expected = ref_fn(ref_b)
-    torch.testing.assert_close(got.to(f64), expected, **_tol(dtype))
+    torch.testing.assert_close(got.to(f64), expected, **tol)
     w = torch.randn_like(expected)  # a random cotangent exercises every output
     got_grads = _grads((got * w.to(got.dtype)).sum(), got_b.leaves())
     for g, e in zip(got_grads, _grads((expected * w).sum(), ref_b.leaves())):
-        torch.testing.assert_close(g.to(f64), e, **_tol(dtype))
+        if tol32 is not None and dtype != f64:
+            assert (g.to(f64) - e).abs().max() <= tol32 * e.abs().max()
+        else:
+            torch.testing.assert_close(g.to(f64), e, **tol)
 
 
-def _check_fused_loss(batch, backend, recompute, **kw):
+def _check_fused_loss(batch, backend, recompute, tol32=None, **kw):
     """``fused_nca_loss`` with ``backend`` against the float64 reference (loss options ``kw``)."""
 
     def fn(b):
@@ -52,7 +58,7 @@ def _check_fused_loss(batch, backend, recompute, **kw):
     def ref_fn(b):
         return ref.fused_nca_loss(b.hidden, b.weight, b.labels, b.rewards, b.ref_logps, bias=b.bias, **kw)
 
-    _check_against_reference(batch, fn, ref_fn, _dtype(backend))
+    _check_against_reference(batch, fn, ref_fn, _dtype(backend), tol32)
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -175,9 +181,13 @@ def test_gradcheck_fused_nca_loss(recompute, group, loss_type, small_tiles):
 @pytest.mark.parametrize("scale", [1.0, 3e3])
 def test_group_buffer_kept(device, backend, scale):
     """``recompute=False`` at the default budgets: each prompt group's logits buffer serves forward
-    and gradient (on CPU through ``logits_exp_``); against float64, also with logits ~1e4."""
+    and gradient (on CPU through ``logits_exp_``); against float64, also with logits ~1e4. There a
+    float32 logit carries up to 5e-4 of rounding, so small gradient entries hold only to a few 1e-3
+    of themselves (11% of random batches broke the elementwise 2e-4 tolerance); gradients are
+    checked against their largest entry instead: at most 1.7e-4 in 700 batches, asserted 1e-3."""
     batch = make_batch(b=3, k=4, t=9, h=12, v=37, bias=True, device=device, empty_seq=1, scale=scale)
-    _check_fused_loss(batch, backend, False, beta=0.1, alpha=0.1, loss_type="nca")
+    tol32 = None if scale == 1.0 else 1e-3
+    _check_fused_loss(batch, backend, False, tol32, beta=0.1, alpha=0.1, loss_type="nca")
 
 
 @pytest.mark.parametrize("loss_type", ["dpo", "nca_pair"])

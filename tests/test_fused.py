@@ -323,9 +323,12 @@ def test_weight_grad_float32_accumulation(device, backend, schedule):
 
     naive = dw_error(lambda: ref.fused_nca_loss(b.hidden, b.weight, b.labels, b.rewards, b.ref_logps, **kw))
     errors = {}
-    # the Triton interpreter has no bf16 atomics: there the fused kernel runs with a float32 dW only
-    interpreted = schedule == "fused" and device == "cpu"
-    for mode in ("float32",) if interpreted else ("weight", "float32"):
+    # The Triton interpreter rounds float32 -> bf16 toward zero (GPUs round to nearest), which about
+    # doubles the rounding of its bf16 logit gradients; and it has no bf16 atomics, so there the
+    # fused kernel runs with a float32 dW only.
+    interpreted = backend == "triton" and device == "cpu"
+    modes = ("float32",) if interpreted and schedule == "fused" else ("weight", "float32")
+    for mode in modes:
         options = dict(backward="fused") if schedule == "fused" else {}
         with nk.chunk_bytes(tile=2 * 16 * 32 * 8, group=16 * 256 * 2), config.weight_grad_accumulation(mode), \
                 config.triton_options(**options):  # 16-token chunks: dozens of dW roundings
@@ -334,8 +337,8 @@ def test_weight_grad_float32_accumulation(device, backend, schedule):
     if backend == "torch" and schedule == "recompute":
         assert errors["float32"] == errors["weight"] <= 1.5 * naive
         return
-    # in 12 seeds (torch, group): float32 at 1.1-1.25x naive's error, weight at 1.35-2.6x float32's.
-    # Under the Triton interpreter float32 reaches 1.4-1.5x: it rounds float32 -> bf16 stores
-    # toward zero (GPUs round to nearest), so its logit gradients carry about twice the rounding.
-    assert errors["float32"] <= 2 * naive, (errors, naive)
-    assert interpreted or errors["weight"] >= 1.2 * errors["float32"], errors
+    # Measured (float32 / naive, weight / float32): torch group, 100 seeds: <= 1.23, >= 1.41;
+    # interpreted triton, 25 seeds each: recompute <= 1.72, >= 1.25; group <= 1.71, >= 1.38.
+    assert errors["float32"] <= (2.5 if interpreted else 2) * naive, (errors, naive)
+    if len(modes) == 2:
+        assert errors["weight"] >= (1.05 if interpreted else 1.2) * errors["float32"], errors

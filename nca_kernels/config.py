@@ -129,7 +129,10 @@ def triton_options(*, filter_eps: float | None = None, deterministic: bool | Non
 # always sum in float32. ``"weight"`` (the default): each chunk's product is added to dW in the
 # weight's dtype, no extra memory, one rounding per chunk. ``"float32"``: dW is summed in a float32
 # buffer (4*V*H bytes beside the gradient) and rounded once. On a CPU model of the headline case's
-# 11 bf16 token chunks, dW's error was 2.8x naive's with "weight" (docs/benchmarks.md).
+# 11 bf16 token chunks, dW's error was about 2.5x naive's with "weight" (docs/benchmarks.md). In
+# float32 mode a chunk's product is added unrounded where the matmul can write float32 from 16-bit
+# operands (cuBLAS in recent torch, probed by ``backends.torch_chunked.wide_addmm``), else after one
+# rounding to the weight's dtype.
 # Environment: ``NCA_KERNELS_WEIGHT_GRAD_ACCUM``; or :func:`set_weight_grad_accum` /
 # :func:`weight_grad_accumulation`.
 

@@ -342,3 +342,44 @@ def test_weight_grad_float32_accumulation(device, backend, schedule):
     assert errors["float32"] <= (2.5 if interpreted else 2) * naive, (errors, naive)
     if len(modes) == 2:
         assert errors["weight"] >= (1.05 if interpreted else 1.2) * errors["float32"], errors
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_addmm_into_float32(device, dtype):
+    """16-bit products added into a float32 accumulator (dH always, dW in float32 mode): unrounded
+    where the matmul takes ``out_dtype=float32`` (the probe says so), else rounded once to ``dtype``."""
+    from nca_kernels.backends.torch_chunked import addmm_, wide_addmm
+
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(*shape, generator=g).to(device, dtype) for shape in ((64, 300), (300, 48)))
+    start = torch.randn(64, 48, generator=g).to(device)
+    product = a.to(f64) @ b.to(f64)
+    once = (product.to(dtype).to(f64) - product).abs().max()  # one rounding of the product
+    out = start.clone()
+    addmm_(out, a, b)
+    err = (out.to(f64) - start.to(f64) - product).abs().max()
+    if wide_addmm(torch.device(device), dtype):
+        assert err <= 0.01 * once, (err, once)
+    else:
+        unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+        assert err <= unit * 1.01 * product.abs().max() + 1e-5, (err, once)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_under_torch_compile(recompute):
+    """A step compiled with ``torch.compile`` gives the eager loss and gradients (the loss breaks the
+    graph: its input checks read values and the response-token gather has a data-dependent size)."""
+    batch = make_batch(b=2, k=2, t=12, h=16, v=70).cast(torch.float32)
+    kw = dict(beta=0.1, alpha=0.5, recompute=recompute, backend="torch")
+
+    def step(hidden, weight):
+        return nk.fused_nca_loss(hidden * 1.5, weight, batch.labels, batch.rewards, batch.ref_logps, **kw)
+
+    leaves = (batch.hidden, batch.weight)
+    eager = step(*leaves)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager")(*leaves)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    for got, want in zip(_grads(compiled, leaves), _grads(eager, leaves)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -113,7 +113,8 @@ def linear_backward(be, hidden2d, weight, bias, index, targets, lse, grad_tok, n
     """Backward from the forward's tiles: a matmul recomputes each tile, ``be.logits_backward`` turns
     it in place into ``grad_tok * (onehot - softmax)`` (labels shifted to the tile's columns, so a
     label outside the tile adds no one-hot; ``lse`` is the full row's), and two more matmuls add its
-    share of ``dH`` (a float32 accumulator per token chunk) and ``dW`` (in the weight's dtype)."""
+    share of ``dH`` (a float32 accumulator per token chunk) and ``dW`` (see :func:`weight_grad_buffer`);
+    products go into float32 accumulators unrounded where the matmul allows (:func:`addmm_`)."""
     need_h, need_w, need_b = needs
     acc = accum_dtype(weight.dtype)
     dhidden = torch.zeros_like(hidden2d) if need_h else None
@@ -128,7 +129,7 @@ def linear_backward(be, hidden2d, weight, bias, index, targets, lse, grad_tok, n
             if need_b:
                 dbias[v0:v1] += dl.sum(0, dtype=acc)
             if need_h:
-                dh += dl @ weight[v0:v1]
+                addmm_(dh, dl, weight[v0:v1])
             if need_w:
                 addmm_(dweight[v0:v1], dl.t(), h)
             del dl

@@ -9,6 +9,8 @@ recomputes the tile, turns it into ``grad_tok * (onehot - softmax)`` in place an
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import config
@@ -26,11 +28,29 @@ def weight_grad_buffer(weight: torch.Tensor) -> torch.Tensor:
     return torch.zeros(weight.shape, dtype=torch.float32 if wide else weight.dtype, device=weight.device)
 
 
+@functools.cache
+def wide_addmm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(..., out_dtype=torch.float32, out=out)`` adds a ``dtype`` (16-bit)
+    product into a float32 ``out`` in place, unrounded, on ``device``. cuBLAS does in recent torch
+    releases; CPU kernels and older releases do not. Probed once per device and dtype, on a sum
+    that a 16-bit product would round: ``1 + 2**-12``."""
+    a = torch.tensor([[1.0, 2.0**-12]], dtype=dtype, device=device)
+    out = torch.zeros(1, 1, device=device)
+    try:
+        torch.addmm(out, a, torch.ones(2, 1, dtype=dtype, device=device), out_dtype=torch.float32, out=out)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return out.item() == 1 + 2.0**-12
+
+
 def addmm_(out, a, b):
-    """``out += a @ b``, without a temporary when dtypes agree (else the product, rounded to the
-    operands' dtype, is added in ``out``'s)."""
+    """``out += a @ b`` in place. Same dtypes: one in-place matmul. A float32 ``out`` and 16-bit
+    operands: the matmul adds its float32 result directly where :func:`wide_addmm` says it can, else
+    the product is formed in the operands' dtype (one rounding) and then added."""
     if out.dtype == a.dtype:
         out.addmm_(a, b)
+    elif out.dtype == torch.float32 and wide_addmm(out.device, a.dtype):
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
     else:
         out.add_(a @ b)
 

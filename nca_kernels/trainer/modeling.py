@@ -20,13 +20,28 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _sharded(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is only this process's shard: a DTensor (FSDP2), a DeepSpeed ZeRO-3
+    placeholder (``ds_shape``), or FSDP1's flattened or emptied view of it (not 2-D)."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(weight, DTensor):
+            return True
+    return hasattr(weight, "ds_shape") or weight.dim() != 2
+
+
 def lm_head(model, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LM-head weight ``(V, H)`` and bias (or None) in ``dtype``; tied embeddings share the weight."""
     base = _base(model)
+    name = type(base).__name__
     cfg = base.config
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", 1.0) not in (None, 1.0):
-        raise ValueError(f"{type(base).__name__} rescales its logits (softcapping or logit_scale): not supported")
+        raise ValueError(f"{name} rescales its logits (softcapping or logit_scale): not supported")
     head = base.get_output_embeddings()
+    if _sharded(head.weight):
+        raise ValueError(f"{name}'s LM-head weight is sharded (FSDP or DeepSpeed ZeRO-3) outside its forward: the "
+                         "fused loss needs the whole (V, H) weight; train data-parallel (DDP) instead")
     bias = getattr(head, "bias", None)
     return head.weight.to(dtype), (None if bias is None else bias.to(dtype))
 

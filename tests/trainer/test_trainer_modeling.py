@@ -1,0 +1,51 @@
+"""The LM head the fused loss reads: refused, with the reason, where it would give a wrong loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nca_kernels.trainer.modeling import lm_head
+
+from .common import tiny_llama, tiny_phi
+
+
+def test_whole_head_is_returned():
+    model = tiny_phi(40)
+    weight, bias = lm_head(model, torch.bfloat16)
+    assert weight.shape == (40, 32) and bias.shape == (40,) and weight.dtype == bias.dtype == torch.bfloat16
+    torch.testing.assert_close(weight, model.lm_head.weight.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("setting", [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625)])
+def test_rescaled_logits_are_refused(setting):
+    model = tiny_llama(40)
+    setattr(model.config, *setting)
+    with pytest.raises(ValueError, match="rescales its logits"):
+        lm_head(model, torch.float32)
+
+
+def test_zero3_placeholder_is_refused():
+    model = tiny_phi(40)
+    placeholder = torch.nn.Parameter(torch.empty(0))
+    placeholder.ds_shape = (40, 32)  # how DeepSpeed ZeRO-3 leaves a partitioned parameter
+    model.lm_head.weight = placeholder
+    with pytest.raises(ValueError, match="sharded"):
+        lm_head(model, torch.float32)
+
+
+def test_dtensor_shard_is_refused(tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = tiny_phi(40)
+        mesh = init_device_mesh("cpu", (1,))
+        model.lm_head.weight = torch.nn.Parameter(distribute_tensor(model.lm_head.weight.detach(), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match="sharded"):
+            lm_head(model, torch.float32)
+    finally:
+        dist.destroy_process_group()

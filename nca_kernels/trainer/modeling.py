@@ -40,8 +40,9 @@ def lm_head(model, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | Non
         raise ValueError(f"{name} rescales its logits (softcapping or logit_scale): not supported")
     head = base.get_output_embeddings()
     if _sharded(head.weight):
-        raise ValueError(f"{name}'s LM-head weight is sharded (FSDP or DeepSpeed ZeRO-3) outside its forward: the "
-                         "fused loss needs the whole (V, H) weight; train data-parallel (DDP) instead")
+        raise ValueError(f"{name}'s LM-head weight is sharded after the forward (FSDP or DeepSpeed ZeRO-3): the fused "
+                         "loss needs the whole (V, H) weight; leave the LM head in the root module under FSDP2 (or "
+                         "FSDP1 without use_orig_params), or train data-parallel")
     bias = getattr(head, "bias", None)
     return head.weight.to(dtype), (None if bias is None else bias.to(dtype))
 

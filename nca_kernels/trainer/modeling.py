@@ -31,18 +31,37 @@ def _sharded(weight: torch.Tensor) -> bool:
     return hasattr(weight, "ds_shape") or weight.dim() != 2
 
 
-def lm_head(model, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """LM-head weight ``(V, H)`` and bias (or None) in ``dtype``; tied embeddings share the weight."""
+def _adapted(head) -> bool:
+    """Whether ``head`` is a PEFT tuner layer (LoRA, ...) with active, unmerged adapters: its output is
+    then not ``x @ head.weight.T + bias``."""
+    if not hasattr(head, "base_layer"):
+        return False
+    return not (getattr(head, "merged", False) or getattr(head, "disable_adapters", False))
+
+
+def check_lm_head(model):
+    """The output embedding of ``model`` if the fused loss can use its weight as the LM head, else a
+    ValueError that says why: logits rescaled after the head, adapters on it, or a sharded weight."""
     base = _base(model)
     name = type(base).__name__
     cfg = base.config
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", 1.0) not in (None, 1.0):
         raise ValueError(f"{name} rescales its logits (softcapping or logit_scale): not supported")
     head = base.get_output_embeddings()
+    if _adapted(head):
+        raise ValueError(f"{name}'s LM head carries active PEFT adapters, which the fused loss (reading the head's "
+                         "weight) would miss: leave lm_head out of target_modules (modules_to_save is fine) or merge "
+                         "the adapters")
     if _sharded(head.weight):
         raise ValueError(f"{name}'s LM-head weight is sharded after the forward (FSDP or DeepSpeed ZeRO-3): the fused "
                          "loss needs the whole (V, H) weight; leave the LM head in the root module under FSDP2 (or "
                          "FSDP1 without use_orig_params), or train data-parallel")
+    return head
+
+
+def lm_head(model, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """LM-head weight ``(V, H)`` and bias (or None) in ``dtype``; tied embeddings share the weight."""
+    head = check_lm_head(model)
     bias = getattr(head, "bias", None)
     return head.weight.to(dtype), (None if bias is None else bias.to(dtype))
 

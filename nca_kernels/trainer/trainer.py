@@ -10,7 +10,7 @@ from transformers import Trainer
 from ..api import fused_nca_loss
 from .config import NCAConfig
 from .data import NCACollator, prepare_dataset
-from .modeling import lm_head, shifted_hidden
+from .modeling import check_lm_head, lm_head, shifted_hidden
 from .reference import add_reference_logps
 
 
@@ -36,6 +36,7 @@ class NCATrainer(Trainer):
             raise TypeError(f"args must be an NCAConfig, got {type(args).__name__}")
         if processing_class is None:
             raise ValueError("processing_class (the tokenizer) is required to tokenise the dataset")
+        check_lm_head(model)  # before the reference pass: a head the fused loss cannot read fails now
         pad_id = processing_class.pad_token_id
         if pad_id is None:
             pad_id = processing_class.eos_token_id

@@ -7,7 +7,7 @@ import torch
 
 from nca_kernels.trainer.modeling import lm_head
 
-from .common import tiny_llama, tiny_phi
+from .common import char_tokenizer, tiny_llama, tiny_phi
 
 
 def test_whole_head_is_returned():
@@ -49,3 +49,41 @@ def test_dtensor_shard_is_refused(tmp_path):
             lm_head(model, torch.float32)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture
+def peft():
+    return pytest.importorskip("peft")
+
+
+def test_lora_on_the_head_is_refused_unless_merged(peft, tmp_path):
+    """LoRA on lm_head changes the head's output but not its weight: the fused loss would silently
+    miss it. Refused while active; a merged adapter lives in the weight and is read as such."""
+    from .common import reward_rows
+    from .test_trainer_loss import make_trainer
+
+    model = peft.get_peft_model(tiny_phi(len(char_tokenizer())),
+                                peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+    with pytest.raises(ValueError, match="PEFT adapters"):
+        make_trainer(tmp_path, model, reward_rows(2))
+    head = model.get_base_model().get_output_embeddings()
+    x = torch.randn(5, 32)
+    with model.disable_adapter():  # the reference pass's view: the base head
+        weight, bias = lm_head(model, torch.float32)
+        torch.testing.assert_close(x @ weight.T + bias, head(x))
+    model.merge_adapter()
+    weight, bias = lm_head(model, torch.float32)
+    torch.testing.assert_close(x @ weight.T + bias, head(x))
+
+
+def test_modules_to_save_head_is_read(peft):
+    """``modules_to_save=["lm_head"]`` trains a copy of the head: that copy is what the loss reads."""
+    model = peft.get_peft_model(tiny_phi(len(char_tokenizer())),
+                                peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    head = model.get_base_model().get_output_embeddings()
+    with torch.no_grad():
+        head.modules_to_save["default"].weight.add_(1.0)  # the trained copy moves away from the original
+    weight, bias = lm_head(model, torch.float32)
+    x = torch.randn(5, 32)
+    assert weight.requires_grad
+    torch.testing.assert_close(x @ weight.T + bias, head(x))

@@ -74,9 +74,10 @@ def _one_logit_kwargs(model) -> dict:
     raise TypeError(f"{type(_base(model)).__name__}.forward has no logits_to_keep: it would build the full logits")
 
 
-def shifted_hidden(model, unwrapped, batch: dict, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
-    """Last hidden states ``(S, T, H)`` and the labels they predict ``(S, T)``: the labels shift
-    left (the last position predicts ``ignore_index``), so the hidden states are never copied.
+def shifted_hidden(model, unwrapped, batch: dict, ignore_index: int = -100) -> tuple[torch.Tensor, ...]:
+    """Last hidden states ``(S, T, H)``, the labels they predict ``(S, T)`` and the model's own
+    logits at the last position ``(S, V)``. The labels shift left (the last position predicts
+    ``ignore_index``), so the hidden states are never copied.
 
     ``model`` may be wrapped (DDP, accelerate): it is called as a whole so that gradients are
     synchronised, asking for the hidden states and the logits of one position only, never the full
@@ -85,4 +86,22 @@ def shifted_hidden(model, unwrapped, batch: dict, ignore_index: int = -100) -> t
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
                 use_cache=False, **_one_logit_kwargs(unwrapped))
     labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=ignore_index)
-    return out.hidden_states[-1], labels
+    return out.hidden_states[-1], labels, out.logits[:, -1]
+
+
+@torch.no_grad()
+def check_head_output(model, hidden, last_logits, weight, bias) -> None:
+    """Raise a ValueError unless the model's last-position logits ``(S, V)`` are
+    ``hidden[:, -1] @ weight.T + bias`` (to 2% of the largest logit: 16-bit rounding passes, a
+    rescaled, capped or adapted head does not). The fused loss assumes exactly that head; a model
+    that changes its logits after it (Granite's ``logits_scaling``, for one) would train on a wrong
+    loss without this check."""
+    want = last_logits.float()
+    got = hidden[:, -1].float() @ weight.float().t()
+    if bias is not None:
+        got += bias.float()
+    err, top = float((got - want).abs().max()), float(want.abs().max())
+    if err > 0.02 * top + 1e-4:
+        raise ValueError(f"{type(_base(model)).__name__}'s logits are not its last hidden state times the LM-head "
+                         f"weight (plus bias): they differ by up to {err:.3g} (largest logit {top:.3g}); the model "
+                         "transforms its logits after the head, which the fused loss does not model")

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from ..api import sequence_logprobs
 from .data import TOKENIZED_COLUMNS
-from .modeling import lm_head, shifted_hidden
+from .modeling import check_head_output, lm_head, shifted_hidden
 
 
 @torch.no_grad()
@@ -35,12 +35,14 @@ def compute_logps(model, dataset, collator, *, batch_size: int, average: bool = 
     model.eval()
     out = []
     with model.disable_adapter() if disable_adapters else contextlib.nullcontext():
-        for batch in loader:
+        for i, batch in enumerate(loader):
             batch = {k: v.to(device) for k, v in batch.items()}
             with forward_context():
-                hidden, labels = shifted_hidden(model, model, batch)
+                hidden, labels, last_logits = shifted_hidden(model, model, batch)
             hidden = hidden.to(next(model.parameters()).dtype)
             weight, bias = lm_head(model, hidden.dtype)
+            if i == 0:
+                check_head_output(model, hidden, last_logits, weight, bias)
             logps = sequence_logprobs(hidden, weight, labels, bias=bias, average=average, backend=backend)
             logps = logps.float().view(batch["rewards"].shape)
             if accelerator is not None:

@@ -10,7 +10,7 @@ from transformers import Trainer
 from ..api import fused_nca_loss
 from .config import NCAConfig
 from .data import NCACollator, prepare_dataset
-from .modeling import check_lm_head, lm_head, shifted_hidden
+from .modeling import check_head_output, check_lm_head, lm_head, shifted_hidden
 from .reference import add_reference_logps
 
 
@@ -60,6 +60,7 @@ class NCATrainer(Trainer):
         # compute_loss returns a per-batch mean: Trainer divides it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._head_checked = False
         if ref_model is not None:
             ref_model = ref_model.to(self.args.device)
         reference = ref_model if ref_model is not None else self.model
@@ -75,8 +76,11 @@ class NCATrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Backbone to last hidden states, shift, then the fused loss on the LM-head weight."""
         unwrapped = self.accelerator.unwrap_model(model)
-        hidden, labels = shifted_hidden(model, unwrapped, inputs)
+        hidden, labels, last_logits = shifted_hidden(model, unwrapped, inputs)
         weight, bias = lm_head(unwrapped, hidden.dtype)
+        if not self._head_checked:  # once: the model's own logits agree with the head the loss reads
+            check_head_output(unwrapped, hidden, last_logits, weight, bias)
+            self._head_checked = True
         loss, metrics = fused_nca_loss(
             hidden, weight, labels, inputs["rewards"], inputs["ref_logps"], beta=self.args.beta, alpha=self.alpha,
             loss_type=self.args.loss_type, bias=bias, average=self.args.average, backend=self.args.backend,

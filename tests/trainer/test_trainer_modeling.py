@@ -87,3 +87,25 @@ def test_modules_to_save_head_is_read(peft):
     x = torch.randn(5, 32)
     assert weight.requires_grad
     torch.testing.assert_close(x @ weight.T + bias, head(x))
+
+
+@pytest.mark.parametrize("scaling", [1.0, 8.0])
+def test_logits_transformed_after_the_head_are_refused(tmp_path, scaling):
+    """Granite divides its logits by ``logits_scaling`` after the LM head, which the fused loss
+    cannot see in the weight: the check of the model's own last-position logits refuses it (at 8),
+    and lets the same model through when the scaling is 1."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from .common import reward_rows
+    from .test_trainer_loss import make_trainer
+
+    torch.manual_seed(0)
+    cfg = GraniteConfig(vocab_size=len(char_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                        logits_scaling=scaling, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = GraniteForCausalLM(cfg)
+    if scaling == 1.0:
+        make_trainer(tmp_path, model, reward_rows(2))
+    else:
+        with pytest.raises(ValueError, match="logits are not its last hidden state times the LM-head weight"):
+            make_trainer(tmp_path, model, reward_rows(2))

@@ -41,12 +41,12 @@ def _adapted(head) -> bool:
 
 def check_lm_head(model):
     """The output embedding of ``model`` if the fused loss can use its weight as the LM head, else a
-    ValueError that says why: logits rescaled after the head, adapters on it, or a sharded weight."""
+    ValueError that says why: logits capped after the head, adapters on it, or a sharded weight."""
     base = _base(model)
     name = type(base).__name__
     cfg = base.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", 1.0) not in (None, 1.0):
-        raise ValueError(f"{name} rescales its logits (softcapping or logit_scale): not supported")
+    if getattr(cfg, "final_logit_softcapping", None):
+        raise ValueError(f"{name} caps its logits (final_logit_softcapping): not supported")
     head = base.get_output_embeddings()
     if _adapted(head):
         raise ValueError(f"{name}'s LM head carries active PEFT adapters, which the fused loss (reading the head's "
@@ -59,11 +59,24 @@ def check_lm_head(model):
     return head
 
 
-def lm_head(model, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """LM-head weight ``(V, H)`` and bias (or None) in ``dtype``; tied embeddings share the weight."""
+def logit_multiplier(model) -> float:
+    """The constant a model multiplies its logits by after the LM head: Cohere's ``logit_scale``,
+    one over Granite's ``logits_scaling``; 1 for most models."""
+    cfg = _base(model).config
+    return float(getattr(cfg, "logit_scale", None) or 1.0) / float(getattr(cfg, "logits_scaling", None) or 1.0)
+
+
+def head_operands(model, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(hidden, weight, bias)`` whose ``hidden @ weight.T + bias`` are the model's logits: the
+    LM-head weight ``(V, H)`` and bias (or None) in hidden's dtype (tied embeddings share the
+    weight), with the model's constant logit multiplier folded into hidden and bias."""
     head = check_lm_head(model)
     bias = getattr(head, "bias", None)
-    return head.weight.to(dtype), (None if bias is None else bias.to(dtype))
+    weight, bias = head.weight.to(hidden.dtype), (None if bias is None else bias.to(hidden.dtype))
+    scale = logit_multiplier(model)
+    if scale != 1.0:
+        hidden, bias = hidden * scale, (None if bias is None else bias * scale)
+    return hidden, weight, bias
 
 
 def _one_logit_kwargs(model) -> dict:

@@ -10,7 +10,7 @@ from transformers import Trainer
 from ..api import fused_nca_loss
 from .config import NCAConfig
 from .data import NCACollator, prepare_dataset
-from .modeling import check_head_output, check_lm_head, lm_head, shifted_hidden
+from .modeling import check_head_output, check_lm_head, head_operands, shifted_hidden
 from .reference import add_reference_logps
 
 
@@ -77,7 +77,7 @@ class NCATrainer(Trainer):
         """Backbone to last hidden states, shift, then the fused loss on the LM-head weight."""
         unwrapped = self.accelerator.unwrap_model(model)
         hidden, labels, last_logits = shifted_hidden(model, unwrapped, inputs)
-        weight, bias = lm_head(unwrapped, hidden.dtype)
+        hidden, weight, bias = head_operands(unwrapped, hidden)
         if not self._head_checked:  # once: the model's own logits agree with the head the loss reads
             check_head_output(unwrapped, hidden, last_logits, weight, bias)
             self._head_checked = True

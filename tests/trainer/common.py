@@ -50,6 +50,28 @@ def tiny_phi(vocab: int, seed: int = 0) -> PhiForCausalLM:
     return model
 
 
+def tiny_granite(vocab: int, seed: int = 0):
+    """Granite: logits divided by ``logits_scaling`` after the head."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GraniteConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, logits_scaling=8.0,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return GraniteForCausalLM(cfg)
+
+
+def tiny_cohere(vocab: int, seed: int = 0):
+    """Cohere: logits multiplied by ``logit_scale`` after the (tied) head."""
+    from transformers import CohereConfig, CohereForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = CohereConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, logit_scale=0.25,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return CohereForCausalLM(cfg)
+
+
 def reward_rows(n: int = 8, k: int = 4, seed: int = 0) -> list[dict]:
     """Format-1 rows with responses of different lengths and distinct rewards."""
     g = torch.Generator().manual_seed(seed)

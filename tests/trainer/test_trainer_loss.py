@@ -9,7 +9,7 @@ from datasets import Dataset
 from nca_kernels import reference
 from nca_kernels.trainer import NCAConfig, NCATrainer
 
-from .common import char_tokenizer, one_thread, reward_rows, tiny_llama, tiny_phi  # noqa: F401
+from .common import char_tokenizer, one_thread, reward_rows, tiny_cohere, tiny_granite, tiny_llama, tiny_phi  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +33,8 @@ def batch_of(trainer, rows=4):
     return trainer.data_collator([trainer.train_dataset[i] for i in range(rows)])
 
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_phi], ids=["llama-tied", "phi-bias"])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_phi, tiny_granite, tiny_cohere],
+                         ids=["llama-tied", "phi-bias", "granite-scaled", "cohere-scaled"])
 @pytest.mark.parametrize("loss_type", ["nca", "infonca"])
 def test_loss_and_grads_match_full_logits(tmp_path, build, loss_type):
     tok = char_tokenizer()

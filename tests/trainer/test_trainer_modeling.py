@@ -1,28 +1,55 @@
-"""The LM head the fused loss reads: refused, with the reason, where it would give a wrong loss."""
+"""The LM head the fused loss reads: its operands reproduce the model's logits, and a head they
+cannot reproduce is refused with the reason, never trained on a wrong loss."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from nca_kernels.trainer.modeling import lm_head
+from nca_kernels.trainer.modeling import head_operands
 
-from .common import char_tokenizer, tiny_llama, tiny_phi
-
-
-def test_whole_head_is_returned():
-    model = tiny_phi(40)
-    weight, bias = lm_head(model, torch.bfloat16)
-    assert weight.shape == (40, 32) and bias.shape == (40,) and weight.dtype == bias.dtype == torch.bfloat16
-    torch.testing.assert_close(weight, model.lm_head.weight.to(torch.bfloat16))
+from .common import char_tokenizer, reward_rows, tiny_cohere, tiny_granite, tiny_llama, tiny_phi
+from .test_trainer_loss import make_trainer
 
 
-@pytest.mark.parametrize("setting", [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625)])
-def test_rescaled_logits_are_refused(setting):
+def logits_of(model, hidden):
+    """What the fused loss takes for the model's logits of ``hidden`` ``(N, H)``."""
+    hidden, weight, bias = head_operands(model, hidden)
+    return hidden @ weight.T + (0 if bias is None else bias)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_phi, tiny_granite, tiny_cohere])
+def test_operands_give_the_models_logits(build):
+    """Tied and untied heads, a bias, Granite's ``logits_scaling`` and Cohere's ``logit_scale``."""
+    model = build(len(char_tokenizer()))
+    ids = torch.randint(3, 40, (2, 7))
+    out = model(input_ids=ids, output_hidden_states=True)
+    torch.testing.assert_close(logits_of(model, out.hidden_states[-1]), out.logits, rtol=1e-5, atol=1e-5)
+    hidden, weight, bias = head_operands(model, out.hidden_states[-1].bfloat16())
+    assert hidden.dtype == weight.dtype == torch.bfloat16
+
+
+def test_softcapped_logits_are_refused():
     model = tiny_llama(40)
-    setattr(model.config, *setting)
-    with pytest.raises(ValueError, match="rescales its logits"):
-        lm_head(model, torch.float32)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="caps its logits"):
+        head_operands(model, torch.randn(2, 32))
+
+
+def test_logits_transformed_after_the_head_are_refused(tmp_path):
+    """A head whose output is not ``x @ W.T + b`` (here: doubled), which no config names: the check
+    of the model's own last-position logits on the first batch refuses it."""
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = tiny_phi(len(char_tokenizer()))
+    head = Doubled(32, model.lm_head.out_features)
+    head.load_state_dict(model.lm_head.state_dict())
+    model.lm_head = head
+    with pytest.raises(ValueError, match="logits are not its last hidden state times the LM-head weight"):
+        make_trainer(tmp_path, model, reward_rows(2))
 
 
 def test_zero3_placeholder_is_refused():
@@ -31,7 +58,7 @@ def test_zero3_placeholder_is_refused():
     placeholder.ds_shape = (40, 32)  # how DeepSpeed ZeRO-3 leaves a partitioned parameter
     model.lm_head.weight = placeholder
     with pytest.raises(ValueError, match="sharded"):
-        lm_head(model, torch.float32)
+        head_operands(model, torch.randn(2, 32))
 
 
 def test_dtensor_shard_is_refused(tmp_path):
@@ -46,7 +73,7 @@ def test_dtensor_shard_is_refused(tmp_path):
         mesh = init_device_mesh("cpu", (1,))
         model.lm_head.weight = torch.nn.Parameter(distribute_tensor(model.lm_head.weight.detach(), mesh, [Shard(0)]))
         with pytest.raises(ValueError, match="sharded"):
-            lm_head(model, torch.float32)
+            head_operands(model, torch.randn(2, 32))
     finally:
         dist.destroy_process_group()
 
@@ -59,9 +86,6 @@ def peft():
 def test_lora_on_the_head_is_refused_unless_merged(peft, tmp_path):
     """LoRA on lm_head changes the head's output but not its weight: the fused loss would silently
     miss it. Refused while active; a merged adapter lives in the weight and is read as such."""
-    from .common import reward_rows
-    from .test_trainer_loss import make_trainer
-
     model = peft.get_peft_model(tiny_phi(len(char_tokenizer())),
                                 peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
     with pytest.raises(ValueError, match="PEFT adapters"):
@@ -69,11 +93,9 @@ def test_lora_on_the_head_is_refused_unless_merged(peft, tmp_path):
     head = model.get_base_model().get_output_embeddings()
     x = torch.randn(5, 32)
     with model.disable_adapter():  # the reference pass's view: the base head
-        weight, bias = lm_head(model, torch.float32)
-        torch.testing.assert_close(x @ weight.T + bias, head(x))
+        torch.testing.assert_close(logits_of(model, x), head(x))
     model.merge_adapter()
-    weight, bias = lm_head(model, torch.float32)
-    torch.testing.assert_close(x @ weight.T + bias, head(x))
+    torch.testing.assert_close(logits_of(model, x), head(x))
 
 
 def test_modules_to_save_head_is_read(peft):
@@ -83,29 +105,6 @@ def test_modules_to_save_head_is_read(peft):
     head = model.get_base_model().get_output_embeddings()
     with torch.no_grad():
         head.modules_to_save["default"].weight.add_(1.0)  # the trained copy moves away from the original
-    weight, bias = lm_head(model, torch.float32)
     x = torch.randn(5, 32)
-    assert weight.requires_grad
-    torch.testing.assert_close(x @ weight.T + bias, head(x))
-
-
-@pytest.mark.parametrize("scaling", [1.0, 8.0])
-def test_logits_transformed_after_the_head_are_refused(tmp_path, scaling):
-    """Granite divides its logits by ``logits_scaling`` after the LM head, which the fused loss
-    cannot see in the weight: the check of the model's own last-position logits refuses it (at 8),
-    and lets the same model through when the scaling is 1."""
-    from transformers import GraniteConfig, GraniteForCausalLM
-
-    from .common import reward_rows
-    from .test_trainer_loss import make_trainer
-
-    torch.manual_seed(0)
-    cfg = GraniteConfig(vocab_size=len(char_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                        logits_scaling=scaling, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = GraniteForCausalLM(cfg)
-    if scaling == 1.0:
-        make_trainer(tmp_path, model, reward_rows(2))
-    else:
-        with pytest.raises(ValueError, match="logits are not its last hidden state times the LM-head weight"):
-            make_trainer(tmp_path, model, reward_rows(2))
+    assert head_operands(model, x)[1].requires_grad
+    torch.testing.assert_close(logits_of(model, x), head(x))

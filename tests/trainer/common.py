@@ -6,7 +6,17 @@ import string
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -29,47 +39,35 @@ def char_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
     return out
 
 
-def tiny_llama(vocab: int, seed: int = 0) -> LlamaForCausalLM:
-    """2 layers, hidden 32, tied embeddings."""
+def _tiny(config_cls, model_cls, vocab: int, seed: int, **extra):
+    """2 layers, hidden 32, 4 heads, the character tokenizer's special ids."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(cfg)
+    return model_cls(config_cls(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+                                eos_token_id=2, **extra))
+
+
+def tiny_llama(vocab: int, seed: int = 0) -> LlamaForCausalLM:
+    """Llama: tied embeddings."""
+    return _tiny(LlamaConfig, LlamaForCausalLM, vocab, seed, num_key_value_heads=4, tie_word_embeddings=True)
 
 
 def tiny_phi(vocab: int, seed: int = 0) -> PhiForCausalLM:
     """Phi: an untied LM head with a bias."""
-    torch.manual_seed(seed)
-    cfg = PhiConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
-                    eos_token_id=2)
-    model = PhiForCausalLM(cfg)
+    model = _tiny(PhiConfig, PhiForCausalLM, vocab, seed)
     with torch.no_grad():
         model.lm_head.bias.normal_()
     return model
 
 
-def tiny_granite(vocab: int, seed: int = 0):
+def tiny_granite(vocab: int, seed: int = 0) -> GraniteForCausalLM:
     """Granite: logits divided by ``logits_scaling`` after the head."""
-    from transformers import GraniteConfig, GraniteForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = GraniteConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, logits_scaling=8.0,
-                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return GraniteForCausalLM(cfg)
+    return _tiny(GraniteConfig, GraniteForCausalLM, vocab, seed, num_key_value_heads=4, logits_scaling=8.0)
 
 
-def tiny_cohere(vocab: int, seed: int = 0):
+def tiny_cohere(vocab: int, seed: int = 0) -> CohereForCausalLM:
     """Cohere: logits multiplied by ``logit_scale`` after the (tied) head."""
-    from transformers import CohereConfig, CohereForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = CohereConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, logit_scale=0.25,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return CohereForCausalLM(cfg)
+    return _tiny(CohereConfig, CohereForCausalLM, vocab, seed, num_key_value_heads=4, logit_scale=0.25)
 
 
 def reward_rows(n: int = 8, k: int = 4, seed: int = 0) -> list[dict]:

@@ -34,6 +34,11 @@ class NCAConfig(TrainingArguments):
     )
     average: bool = field(default=False, metadata={"help": "Use length-averaged log-probs instead of sums."})
     backend: str = field(default="auto", metadata={"help": "Kernel backend: auto, torch, triton or cuda."})
+    recompute: bool = field(
+        default=True,
+        metadata={"help": "True: minimal memory, logits recomputed in backward. False: chunks of whole prompt "
+                          "groups, every gradient formed in the forward (faster, one chunk of logits held)."},
+    )
     max_length: int = field(default=1024, metadata={"help": "Longest prompt + response in tokens."})
     max_prompt_length: int = field(
         default=512, metadata={"help": "Prompts are cut to their last max_prompt_length tokens when a row is too long."}

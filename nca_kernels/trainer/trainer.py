@@ -83,8 +83,8 @@ class NCATrainer(Trainer):
             self._head_checked = True
         loss, metrics = fused_nca_loss(
             hidden, weight, labels, inputs["rewards"], inputs["ref_logps"], beta=self.args.beta, alpha=self.alpha,
-            loss_type=self.args.loss_type, bias=bias, average=self.args.average, backend=self.args.backend,
-            return_metrics=True,
+            loss_type=self.args.loss_type, bias=bias, average=self.args.average, recompute=self.args.recompute,
+            backend=self.args.backend, return_metrics=True,
         )
         self._record(metrics, inputs["rewards"], "train" if model.training else "eval")
         return (loss, metrics) if return_outputs else loss

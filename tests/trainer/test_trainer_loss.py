@@ -6,7 +6,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from nca_kernels import reference
+from nca_kernels import ops, reference
 from nca_kernels.trainer import NCAConfig, NCATrainer
 
 from .common import char_tokenizer, one_thread, reward_rows, tiny_cohere, tiny_granite, tiny_llama, tiny_phi  # noqa: F401
@@ -35,16 +35,20 @@ def batch_of(trainer, rows=4):
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_phi, tiny_granite, tiny_cohere],
                          ids=["llama-tied", "phi-bias", "granite-scaled", "cohere-scaled"])
-@pytest.mark.parametrize("loss_type", ["nca", "infonca"])
-def test_loss_and_grads_match_full_logits(tmp_path, build, loss_type):
+@pytest.mark.parametrize("loss_type,recompute", [("nca", True), ("infonca", True), ("nca", False)])
+def test_loss_and_grads_match_full_logits(tmp_path, monkeypatch, build, loss_type, recompute):
     tok = char_tokenizer()
-    trainer = make_trainer(tmp_path, build(len(tok)), reward_rows(4), loss_type=loss_type)
+    trainer = make_trainer(tmp_path, build(len(tok)), reward_rows(4), loss_type=loss_type, recompute=recompute)
     model = trainer.model
     batch = batch_of(trainer)
     with torch.no_grad():  # move the policy away from the reference so the model rewards are not all 0
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    grouped = []  # the group-chunked path runs exactly when recompute=False
+    apply = ops.GroupedNCALoss.apply
+    monkeypatch.setattr(ops.GroupedNCALoss, "apply", lambda *a: grouped.append(1) or apply(*a))
     loss = trainer.compute_loss(model, batch)
+    assert len(grouped) == (not recompute)
     loss.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()

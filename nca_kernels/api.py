@@ -49,14 +49,15 @@ def fused_nca_loss(hidden, weight, labels, rewards, ref_logps, *, beta, alpha, l
     labels ``(B*K, T)``, rewards and ref_logps ``(B, K)``. ``recompute=True`` keeps only O(tokens)
     floats between passes and recomputes logits in backward; ``recompute=False`` walks chunks of
     whole prompt groups and forms every gradient in forward (no recompute, one chunk of logits
-    held). With ``return_metrics=True`` returns ``(loss, metrics)``, metrics being detached
-    (see :func:`nca_kernels.losses.preference_metrics`).
+    held). Without grad mode (``torch.no_grad()``, evaluation) both compute the forward alone, the
+    one matmul of the recompute path. With ``return_metrics=True`` returns ``(loss, metrics)``,
+    metrics being detached (see :func:`nca_kernels.losses.preference_metrics`).
     """
     validation.check_backend(backend)
     validation.check_loss_params(beta, alpha, loss_type)
     validation.check_hidden_inputs(hidden, weight, labels, bias, ignore_index)
     b, k = validation.check_group_tensors(rewards, ref_logps, hidden.shape[0], loss_type, hidden.device)
-    if recompute:
+    if recompute or not torch.is_grad_enabled():  # the group path forms gradients in its forward
         logps = sequence_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                   average=average, backend=backend).view(b, k)
         per_prompt, model_rewards = losses.loss_terms(logps, ref_logps, rewards, beta, alpha, loss_type)

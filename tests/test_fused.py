@@ -383,3 +383,22 @@ def test_under_torch_compile(recompute):
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
     for got, want in zip(_grads(compiled, leaves), _grads(eager, leaves)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_no_gradient_work_without_grad_mode(monkeypatch):
+    """Under ``torch.no_grad`` (evaluation) the group mode, which forms gradients in its forward,
+    is not run: the forward alone gives the same loss and metrics."""
+    from nca_kernels import ops
+
+    batch = make_batch(b=2, k=3, t=10, h=8, v=40)
+    args = (batch.hidden, batch.weight, batch.labels, batch.rewards, batch.ref_logps)
+    kw = dict(beta=0.2, alpha=0.1, recompute=False, backend="torch", return_metrics=True)
+    want, want_metrics = nk.fused_nca_loss(*args, **kw)
+    calls = []
+    apply = ops.GroupedNCALoss.apply
+    monkeypatch.setattr(ops.GroupedNCALoss, "apply", lambda *a: calls.append(1) or apply(*a))
+    with torch.no_grad():
+        got, metrics = nk.fused_nca_loss(*args, **kw)
+    assert not calls
+    torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(metrics["model_rewards"], want_metrics["model_rewards"], rtol=1e-12, atol=1e-12)

@@ -47,7 +47,7 @@ def test_cli_requires_model_and_dataset(tmp_path):
 
 
 LAUNCHERS = {
-    "torchrun": ["torch.distributed.run", "--nproc_per_node", "2"],
+    "torchrun": ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"],  # a free port
     "accelerate": ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                    "--mixed_precision", "no", "--dynamo_backend", "no"],
 }

@@ -105,12 +105,12 @@ def shifted_hidden(model, unwrapped, batch: dict, ignore_index: int = -100) -> t
 @torch.no_grad()
 def check_head_output(model, hidden, last_logits, weight, bias) -> None:
     """Raise a ValueError unless the model's last-position logits ``(S, V)`` are
-    ``hidden[:, -1] @ weight.T + bias`` (to 2% of the largest logit: 16-bit rounding passes, a
-    rescaled, capped or adapted head does not). The fused loss assumes exactly that head; a model
-    that changes its logits after it (Granite's ``logits_scaling``, for one) would train on a wrong
-    loss without this check."""
+    ``hidden[:, -1] @ weight.T + bias``, the operands of :func:`head_operands` (to 2% of the largest
+    logit: 16-bit rounding passes, a capped or adapted head does not). The fused loss assumes exactly
+    that head; a model that transforms its logits after it in a way no config names would otherwise
+    train on a wrong loss. The product is formed in the weight's dtype: no copy of the weight."""
     want = last_logits.float()
-    got = hidden[:, -1].float() @ weight.float().t()
+    got = (hidden[:, -1] @ weight.t()).float()
     if bias is not None:
         got += bias.float()
     err, top = float((got - want).abs().max()), float(want.abs().max())

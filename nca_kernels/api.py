@@ -7,23 +7,39 @@ import torch
 from . import losses, ops, validation
 
 
-def sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, average=False, backend="auto"):
+def _shifted(labels: torch.Tensor, ignore_index: int, shift: bool) -> torch.Tensor:
+    """With ``shift``, the labels that positions ``t`` predict when ``labels`` are the input tokens
+    (masked): ``labels[:, t + 1]``, and ``ignore_index`` at the last position. A new ``(S, T)``
+    label tensor, so the hidden states or logits are never sliced or copied."""
+    if not shift:
+        return labels
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
+
+
+def sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, average=False, shift=False,
+                      backend="auto"):
     """Per-sequence log-probs ``(S,)`` straight from the LM head, never holding the logits.
 
     hidden ``(S, T, H)``, weight ``(V, H)``, bias ``(V,)`` or None, all one float dtype;
     labels ``(S, T)`` int64 where ``hidden[s, t]`` predicts ``labels[s, t]`` and ``ignore_index``
-    marks prompt and padding. Returns float32 (float64 for float64 inputs); a sequence with no
-    response tokens gets 0. ``average=True`` divides by the number of response tokens.
+    marks prompt and padding; with ``shift=True`` it predicts ``labels[s, t + 1]`` instead (labels
+    as a causal LM's inputs, Hugging Face style). Returns float32 (float64 for float64 inputs); a
+    sequence with no response tokens gets 0. ``average=True`` divides by the number of response
+    tokens.
     """
     validation.check_backend(backend)
     validation.check_hidden_inputs(hidden, weight, labels, bias, ignore_index)
+    labels = _shifted(labels, ignore_index, shift)
     return ops.LinearLogprobs.apply(hidden, weight, bias, labels, ignore_index, bool(average), backend)
 
 
-def sequence_logprobs_from_logits(logits, labels, *, ignore_index=-100, average=False, backend="auto"):
-    """Per-sequence log-probs ``(S,)`` from logits ``(S, T, V)`` (any float dtype), read in chunks."""
+def sequence_logprobs_from_logits(logits, labels, *, ignore_index=-100, average=False, shift=False,
+                                  backend="auto"):
+    """Per-sequence log-probs ``(S,)`` from logits ``(S, T, V)`` (any float dtype), read in chunks;
+    ``shift`` as in :func:`sequence_logprobs`."""
     validation.check_backend(backend)
     validation.check_logits_inputs(logits, labels, ignore_index)
+    labels = _shifted(labels, ignore_index, shift)
     return ops.LogitsLogprobs.apply(logits, labels, ignore_index, bool(average), backend)
 
 
@@ -42,11 +58,13 @@ def nca_loss(policy_logps, ref_logps, rewards, *, beta, alpha, loss_type="nca"):
 
 
 def fused_nca_loss(hidden, weight, labels, rewards, ref_logps, *, beta, alpha, loss_type="nca", bias=None,
-                   ignore_index=-100, average=False, recompute=True, backend="auto", return_metrics=False):
+                   ignore_index=-100, average=False, shift=False, recompute=True, backend="auto",
+                   return_metrics=False):
     """InfoNCA/NCA loss (mean over prompts) from last hidden states and the LM-head weight.
 
     hidden ``(B*K, T, H)`` with the K responses of each prompt contiguous, weight ``(V, H)``,
-    labels ``(B*K, T)``, rewards and ref_logps ``(B, K)``. ``recompute=True`` keeps only O(tokens)
+    labels ``(B*K, T)`` (``shift`` as in :func:`sequence_logprobs`), rewards and ref_logps ``(B, K)``.
+    ``recompute=True`` keeps only O(tokens)
     floats between passes and recomputes logits in backward; ``recompute=False`` walks chunks of
     whole prompt groups and forms every gradient in forward (no recompute, one chunk of logits
     held). Without grad mode (``torch.no_grad()``, evaluation) both compute the forward alone, the
@@ -57,6 +75,7 @@ def fused_nca_loss(hidden, weight, labels, rewards, ref_logps, *, beta, alpha, l
     validation.check_loss_params(beta, alpha, loss_type)
     validation.check_hidden_inputs(hidden, weight, labels, bias, ignore_index)
     b, k = validation.check_group_tensors(rewards, ref_logps, hidden.shape[0], loss_type, hidden.device)
+    labels = _shifted(labels, ignore_index, shift)
     if recompute or not torch.is_grad_enabled():  # the group path forms gradients in its forward
         logps = sequence_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                   average=average, backend=backend).view(b, k)
@@ -76,18 +95,19 @@ class FusedNCALoss(torch.nn.Module):
     """Module form of :func:`fused_nca_loss`: holds beta, alpha, loss_type and the options."""
 
     def __init__(self, beta: float = 0.01, alpha: float = 0.01, loss_type: str = "nca", *, ignore_index: int = -100,
-                 average: bool = False, recompute: bool = True, backend: str = "auto"):
+                 average: bool = False, shift: bool = False, recompute: bool = True, backend: str = "auto"):
         super().__init__()
         validation.check_loss_params(beta, alpha, loss_type)
         validation.check_backend(backend)
         self.beta, self.alpha, self.loss_type = beta, alpha, loss_type
-        self.ignore_index, self.average, self.recompute, self.backend = ignore_index, average, recompute, backend
+        self.ignore_index, self.average, self.shift = ignore_index, average, shift
+        self.recompute, self.backend = recompute, backend
 
     def forward(self, hidden, weight, labels, rewards, ref_logps, bias=None, return_metrics=False):
         return fused_nca_loss(
             hidden, weight, labels, rewards, ref_logps, beta=self.beta, alpha=self.alpha,
             loss_type=self.loss_type, bias=bias, ignore_index=self.ignore_index, average=self.average,
-            recompute=self.recompute, backend=self.backend, return_metrics=return_metrics,
+            shift=self.shift, recompute=self.recompute, backend=self.backend, return_metrics=return_metrics,
         )
 
     def extra_repr(self) -> str:

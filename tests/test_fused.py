@@ -402,3 +402,22 @@ def test_no_gradient_work_without_grad_mode(monkeypatch):
     assert not calls
     torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(metrics["model_rewards"], want_metrics["model_rewards"], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_shift_predicts_the_next_label(recompute):
+    """``shift=True`` takes labels as the inputs (Hugging Face style): the same as slicing
+    ``hidden[:, :-1]`` against ``labels[:, 1:]`` by hand, without copying the hidden states."""
+    batch = make_batch(b=2, k=3, t=11, h=8, v=40)
+    kw = dict(beta=0.2, alpha=0.1, backend="torch")
+    got = nk.fused_nca_loss(batch.hidden, batch.weight, batch.labels, batch.rewards, batch.ref_logps, shift=True,
+                            recompute=recompute, **kw)
+    want = nk.fused_nca_loss(batch.hidden[:, :-1], batch.weight, batch.labels[:, 1:], batch.rewards,
+                             batch.ref_logps, recompute=recompute, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(_grads(got, batch.leaves()), _grads(want, batch.leaves())):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    logits = batch.hidden @ batch.weight.t()
+    torch.testing.assert_close(
+        nk.sequence_logprobs_from_logits(logits, batch.labels, shift=True),
+        ref.sequence_logprobs_from_logits(logits[:, :-1], batch.labels[:, 1:]), rtol=1e-12, atol=1e-12)

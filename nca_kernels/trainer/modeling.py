@@ -87,10 +87,10 @@ def _one_logit_kwargs(model) -> dict:
     raise TypeError(f"{type(_base(model)).__name__}.forward has no logits_to_keep: it would build the full logits")
 
 
-def shifted_hidden(model, unwrapped, batch: dict, ignore_index: int = -100) -> tuple[torch.Tensor, ...]:
-    """Last hidden states ``(S, T, H)``, the labels they predict ``(S, T)`` and the model's own
-    logits at the last position ``(S, V)``. The labels shift left (the last position predicts
-    ``ignore_index``), so the hidden states are never copied.
+def last_hidden(model, unwrapped, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last hidden states ``(S, T, H)`` of a batch and the model's own logits at its last position
+    ``(S, V)``. Position ``t`` predicts ``batch["labels"][:, t + 1]``: the loss takes the labels
+    with ``shift=True``, so the hidden states are never sliced or copied.
 
     ``model`` may be wrapped (DDP, accelerate): it is called as a whole so that gradients are
     synchronised, asking for the hidden states and the logits of one position only, never the full
@@ -98,8 +98,7 @@ def shifted_hidden(model, unwrapped, batch: dict, ignore_index: int = -100) -> t
     """
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
                 use_cache=False, **_one_logit_kwargs(unwrapped))
-    labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=ignore_index)
-    return out.hidden_states[-1], labels, out.logits[:, -1]
+    return out.hidden_states[-1], out.logits[:, -1]
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from ..api import sequence_logprobs
 from .data import TOKENIZED_COLUMNS
-from .modeling import check_head_output, head_operands, shifted_hidden
+from .modeling import check_head_output, head_operands, last_hidden
 
 
 @torch.no_grad()
@@ -38,11 +38,12 @@ def compute_logps(model, dataset, collator, *, batch_size: int, average: bool = 
         for i, batch in enumerate(loader):
             batch = {k: v.to(device) for k, v in batch.items()}
             with forward_context():
-                hidden, labels, last_logits = shifted_hidden(model, model, batch)
+                hidden, last_logits = last_hidden(model, model, batch)
             hidden, weight, bias = head_operands(model, hidden.to(next(model.parameters()).dtype))
             if i == 0:
                 check_head_output(model, hidden, last_logits, weight, bias)
-            logps = sequence_logprobs(hidden, weight, labels, bias=bias, average=average, backend=backend)
+            logps = sequence_logprobs(hidden, weight, batch["labels"], bias=bias, average=average, shift=True,
+                                      backend=backend)
             logps = logps.float().view(batch["rewards"].shape)
             if accelerator is not None:
                 logps = accelerator.gather_for_metrics(logps)

@@ -10,7 +10,7 @@ from transformers import Trainer
 from ..api import fused_nca_loss
 from .config import NCAConfig
 from .data import NCACollator, prepare_dataset
-from .modeling import check_head_output, check_lm_head, head_operands, shifted_hidden
+from .modeling import check_head_output, check_lm_head, head_operands, last_hidden
 from .reference import add_reference_logps
 
 
@@ -74,17 +74,17 @@ class NCATrainer(Trainer):
             self.eval_dataset = add_reference_logps(self.eval_dataset, reference, collator, **ref_kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Backbone to last hidden states, shift, then the fused loss on the LM-head weight."""
+        """Backbone to last hidden states, then the fused loss on the LM-head weight (labels shifted)."""
         unwrapped = self.accelerator.unwrap_model(model)
-        hidden, labels, last_logits = shifted_hidden(model, unwrapped, inputs)
+        hidden, last_logits = last_hidden(model, unwrapped, inputs)
         hidden, weight, bias = head_operands(unwrapped, hidden)
         if not self._head_checked:  # once: the model's own logits agree with the head the loss reads
             check_head_output(unwrapped, hidden, last_logits, weight, bias)
             self._head_checked = True
         loss, metrics = fused_nca_loss(
-            hidden, weight, labels, inputs["rewards"], inputs["ref_logps"], beta=self.args.beta, alpha=self.alpha,
-            loss_type=self.args.loss_type, bias=bias, average=self.args.average, recompute=self.args.recompute,
-            backend=self.args.backend, return_metrics=True,
+            hidden, weight, inputs["labels"], inputs["rewards"], inputs["ref_logps"], beta=self.args.beta,
+            alpha=self.alpha, loss_type=self.args.loss_type, bias=bias, average=self.args.average, shift=True,
+            recompute=self.args.recompute, backend=self.args.backend, return_metrics=True,
         )
         self._record(metrics, inputs["rewards"], "train" if model.training else "eval")
         return (loss, metrics) if return_outputs else loss

@@ -112,4 +112,4 @@ class FusedNCALoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, alpha={self.alpha}, loss_type={self.loss_type!r}, "
-                f"recompute={self.recompute}, backend={self.backend!r}")
+                f"shift={self.shift}, recompute={self.recompute}, backend={self.backend!r}")

@@ -17,20 +17,22 @@ def _shifted(labels: torch.Tensor, ignore_index: int, shift: bool) -> torch.Tens
 
 
 def sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, average=False, shift=False,
-                      backend="auto"):
+                      softcap=None, backend="auto"):
     """Per-sequence log-probs ``(S,)`` straight from the LM head, never holding the logits.
 
     hidden ``(S, T, H)``, weight ``(V, H)``, bias ``(V,)`` or None, all one float dtype;
     labels ``(S, T)`` int64 where ``hidden[s, t]`` predicts ``labels[s, t]`` and ``ignore_index``
     marks prompt and padding; with ``shift=True`` it predicts ``labels[s, t + 1]`` instead (labels
-    as a causal LM's inputs, Hugging Face style). Returns float32 (float64 for float64 inputs); a
-    sequence with no response tokens gets 0. ``average=True`` divides by the number of response
-    tokens.
+    as a causal LM's inputs, Hugging Face style). ``softcap`` caps the logits to
+    ``softcap * tanh(logits / softcap)`` (Gemma 2's final softcapping). Returns float32 (float64 for
+    float64 inputs); a sequence with no response tokens gets 0. ``average=True`` divides by the
+    number of response tokens.
     """
     validation.check_backend(backend)
+    validation.check_softcap(softcap)
     validation.check_hidden_inputs(hidden, weight, labels, bias, ignore_index)
     labels = _shifted(labels, ignore_index, shift)
-    return ops.LinearLogprobs.apply(hidden, weight, bias, labels, ignore_index, bool(average), backend)
+    return ops.LinearLogprobs.apply(hidden, weight, bias, labels, ignore_index, bool(average), backend, softcap)
 
 
 def sequence_logprobs_from_logits(logits, labels, *, ignore_index=-100, average=False, shift=False,
@@ -58,12 +60,13 @@ def nca_loss(policy_logps, ref_logps, rewards, *, beta, alpha, loss_type="nca"):
 
 
 def fused_nca_loss(hidden, weight, labels, rewards, ref_logps, *, beta, alpha, loss_type="nca", bias=None,
-                   ignore_index=-100, average=False, shift=False, recompute=True, backend="auto",
+                   ignore_index=-100, average=False, shift=False, softcap=None, recompute=True, backend="auto",
                    return_metrics=False):
     """InfoNCA/NCA loss (mean over prompts) from last hidden states and the LM-head weight.
 
     hidden ``(B*K, T, H)`` with the K responses of each prompt contiguous, weight ``(V, H)``,
-    labels ``(B*K, T)`` (``shift`` as in :func:`sequence_logprobs`), rewards and ref_logps ``(B, K)``.
+    labels ``(B*K, T)`` (``shift`` and ``softcap`` as in :func:`sequence_logprobs`), rewards and
+    ref_logps ``(B, K)``.
     ``recompute=True`` keeps only O(tokens)
     floats between passes and recomputes logits in backward; ``recompute=False`` walks chunks of
     whole prompt groups and forms every gradient in forward (no recompute, one chunk of logits
@@ -73,18 +76,19 @@ def fused_nca_loss(hidden, weight, labels, rewards, ref_logps, *, beta, alpha, l
     """
     validation.check_backend(backend)
     validation.check_loss_params(beta, alpha, loss_type)
+    validation.check_softcap(softcap)
     validation.check_hidden_inputs(hidden, weight, labels, bias, ignore_index)
     b, k = validation.check_group_tensors(rewards, ref_logps, hidden.shape[0], loss_type, hidden.device)
     labels = _shifted(labels, ignore_index, shift)
     if recompute or not torch.is_grad_enabled():  # the group path forms gradients in its forward
         logps = sequence_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                                  average=average, backend=backend).view(b, k)
+                                  average=average, softcap=softcap, backend=backend).view(b, k)
         per_prompt, model_rewards = losses.loss_terms(logps, ref_logps, rewards, beta, alpha, loss_type)
         loss = per_prompt.mean()
     else:
         loss, logps, model_rewards = ops.GroupedNCALoss.apply(
             hidden, weight, bias, labels, rewards, ref_logps, float(beta), float(alpha), loss_type,
-            ignore_index, bool(average), backend,
+            ignore_index, bool(average), backend, softcap,
         )
     if not return_metrics:
         return loss
@@ -95,19 +99,22 @@ class FusedNCALoss(torch.nn.Module):
     """Module form of :func:`fused_nca_loss`: holds beta, alpha, loss_type and the options."""
 
     def __init__(self, beta: float = 0.01, alpha: float = 0.01, loss_type: str = "nca", *, ignore_index: int = -100,
-                 average: bool = False, shift: bool = False, recompute: bool = True, backend: str = "auto"):
+                 average: bool = False, shift: bool = False, softcap: float | None = None, recompute: bool = True,
+                 backend: str = "auto"):
         super().__init__()
         validation.check_loss_params(beta, alpha, loss_type)
+        validation.check_softcap(softcap)
         validation.check_backend(backend)
         self.beta, self.alpha, self.loss_type = beta, alpha, loss_type
-        self.ignore_index, self.average, self.shift = ignore_index, average, shift
+        self.ignore_index, self.average, self.shift, self.softcap = ignore_index, average, shift, softcap
         self.recompute, self.backend = recompute, backend
 
     def forward(self, hidden, weight, labels, rewards, ref_logps, bias=None, return_metrics=False):
         return fused_nca_loss(
             hidden, weight, labels, rewards, ref_logps, beta=self.beta, alpha=self.alpha,
             loss_type=self.loss_type, bias=bias, ignore_index=self.ignore_index, average=self.average,
-            shift=self.shift, recompute=self.recompute, backend=self.backend, return_metrics=return_metrics,
+            shift=self.shift, softcap=self.softcap, recompute=self.recompute, backend=self.backend,
+            return_metrics=return_metrics,
         )
 
     def extra_repr(self) -> str:

@@ -57,16 +57,17 @@ class Tokens:
 
 
 class LinearLogprobs(torch.autograd.Function):
-    """``(S,)`` sequence log-probs from hidden ``(S, T, H)`` and weight ``(V, H)``; minimal memory."""
+    """``(S,)`` sequence log-probs from hidden ``(S, T, H)`` and weight ``(V, H)`` (logits capped by
+    ``softcap`` when given); minimal memory."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, average, backend):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, average, backend, softcap):
         be = get_backend(backend, hidden.device)
         hidden2d = hidden.reshape(-1, hidden.shape[-1])
         tokens = Tokens.from_labels(labels, ignore_index, average, accum_dtype(hidden.dtype))
-        lse, tgt = be.linear_forward(hidden2d, weight, bias, tokens.index, tokens.targets)
+        lse, tgt = be.linear_forward(hidden2d, weight, bias, tokens.index, tokens.targets, softcap=softcap)
         ctx.save_for_backward(hidden, weight, bias, lse)
-        ctx.tokens, ctx.backend = tokens, be
+        ctx.tokens, ctx.backend, ctx.softcap = tokens, be, softcap
         return tokens.reduce(tgt - lse)
 
     @staticmethod
@@ -76,10 +77,10 @@ class LinearLogprobs(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         dh, dw, db = ctx.backend.linear_backward(
             hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens.index, tokens.targets,
-            lse, tokens.spread(grad_seq), needs,
+            lse, tokens.spread(grad_seq), needs, softcap=ctx.softcap,
         )
         dh = None if dh is None else dh.view_as(hidden)
-        return dh, dw, db, None, None, None, None
+        return dh, dw, db, None, None, None, None, None
 
 
 class LogitsLogprobs(torch.autograd.Function):
@@ -131,7 +132,7 @@ class GroupedNCALoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, rewards, ref_logps, beta, alpha, loss_type,
-                ignore_index, average, backend):
+                ignore_index, average, backend, softcap):
         be = get_backend(backend, hidden.device)
         b, k = rewards.shape
         acc = accum_dtype(hidden.dtype)
@@ -155,9 +156,10 @@ class GroupedNCALoss(torch.autograd.Function):
             lse = torch.empty(t1 - t0, dtype=acc, device=hidden.device)
             tgt, shift = torch.empty_like(lse), None
             for s in subs:  # forward statistics
-                buf = rowchunk.logits_chunk(hidden2d, weight, bias, tokens.index[s], work)
+                buf = rowchunk.logits_chunk(hidden2d, weight, bias, tokens.index[s], work, softcap)
                 local = slice(s.start - t0, s.stop - t0)
-                lse[local], tgt[local], shift = rowchunk.chunk_stats_(be, buf, tokens.targets[s], keep)
+                lse[local], tgt[local], shift = rowchunk.chunk_stats_(be, buf, tokens.targets[s],
+                                                                      keep and softcap is None)
             chunk_policy = tokens.reduce(tgt - lse, slice(t0, t1)).view(b, k)[p0:p1]
             part, g, rew = losses.loss_sum_and_grad(
                 chunk_policy, ref_logps[p0:p1], rewards[p0:p1], beta, alpha, loss_type, 1.0 / b
@@ -166,10 +168,10 @@ class GroupedNCALoss(torch.autograd.Function):
             grad_tok = g.reshape(-1)[tokens.seq[t0:t1] - p0 * k] * tokens.scale[t0:t1]
             for s in subs:  # gradients from the kept buffer, or from recomputed sub-chunks
                 if not keep:
-                    buf = rowchunk.logits_chunk(hidden2d, weight, bias, tokens.index[s], work)
+                    buf = rowchunk.logits_chunk(hidden2d, weight, bias, tokens.index[s], work, softcap)
                 local = slice(s.start - t0, s.stop - t0)
                 rowchunk.chunk_grads_(be, buf, hidden2d, weight, tokens.index[s], tokens.targets[s], lse[local],
-                                      shift, grad_tok[local], dhidden, dweight, dbias)
+                                      shift, grad_tok[local], dhidden, dweight, dbias, softcap)
         ctx.save_for_backward(
             None if dhidden is None else dhidden.view_as(hidden),
             cast(dweight, weight.dtype), cast(dbias, weight.dtype),
@@ -182,4 +184,4 @@ class GroupedNCALoss(torch.autograd.Function):
         grads = ctx.saved_tensors
         if not bool(grad_loss == 1):  # the usual ``loss.backward()`` needs no extra copy
             grads = [None if x is None else x * grad_loss.to(x.dtype) for x in grads]
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None)

@@ -9,11 +9,14 @@ import torch
 from .losses import loss_terms
 
 
-def sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, average=False):
-    """``(S,)`` log-probs through ``(S, T, V)`` logits and a float32 (or float64) log-softmax."""
+def sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, average=False, softcap=None):
+    """``(S,)`` log-probs through ``(S, T, V)`` logits (capped to ``softcap * tanh(logits / softcap)``
+    when given) and a float32 (or float64) log-softmax."""
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     return sequence_logprobs_from_logits(logits, labels, ignore_index=ignore_index, average=average)
 
 
@@ -31,6 +34,7 @@ def nca_loss(policy_logps, ref_logps, rewards, *, beta, alpha, loss_type="nca"):
 
 
 def fused_nca_loss(hidden, weight, labels, rewards, ref_logps, *, beta, alpha, loss_type="nca", bias=None,
-                   ignore_index=-100, average=False):
-    logps = sequence_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, average=average)
+                   ignore_index=-100, average=False, softcap=None):
+    logps = sequence_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, average=average,
+                              softcap=softcap)
     return nca_loss(logps.view(rewards.shape), ref_logps, rewards, beta=beta, alpha=alpha, loss_type=loss_type)

@@ -46,6 +46,16 @@ def check_labels(labels, shape: tuple[int, ...], vocab: int, ignore_index: int, 
             raise ValueError(f"labels contains {v}, outside [0, {vocab}) and not ignore_index={ignore_index}")
 
 
+def check_softcap(softcap) -> None:
+    """softcap: None, or a finite float > 0 (logits become ``softcap * tanh(logits / softcap)``)."""
+    if softcap is None:
+        return
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a finite float > 0 or None, got {softcap}")
+
+
 def check_backend(backend) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -421,3 +421,35 @@ def test_shift_predicts_the_next_label(recompute):
     torch.testing.assert_close(
         nk.sequence_logprobs_from_logits(logits, batch.labels, shift=True),
         ref.sequence_logprobs_from_logits(logits[:, :-1], batch.labels[:, 1:]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("recompute", [True, False])
+def test_softcap(device, backend, recompute, small_tiles):
+    """Logits capped to ``c * tanh(logits / c)`` (Gemma 2), well inside the cap's bend: values and
+    gradients against the float64 reference, every backend and mode, on tiles and sub-chunks."""
+    batch = make_batch(b=2, k=3, t=9, h=8, v=41, bias=True, device=device, empty_seq=1, scale=4.0)
+    assert (batch.hidden @ batch.weight.t()).abs().max() > 3 * 2.0
+    _check_fused_loss(batch, backend, recompute, beta=0.3, alpha=0.2, loss_type="nca", softcap=2.0)
+
+
+@pytest.mark.parametrize("recompute,group", [(True, None), (False, None), (False, 1 << 30)])
+def test_gradcheck_softcap(recompute, group, small_tiles):
+    """``group=1 << 30``: the kept group buffer, which with a cap skips the one-exp shortcut."""
+    batch = make_batch(b=2, k=2, t=5, h=6, v=19, bias=True, scale=3.0)
+    with nk.chunk_bytes(group=group):
+        assert torch.autograd.gradcheck(
+            lambda h, w, bias: nk.fused_nca_loss(h, w, batch.labels, batch.rewards, batch.ref_logps, beta=0.5,
+                                                 alpha=0.2, bias=bias, softcap=1.5, recompute=recompute,
+                                                 backend="torch"),
+            tuple(batch.leaves()),
+        )
+
+
+@pytest.mark.skipif("triton" not in device_backends("cpu"), reason="needs TRITON_INTERPRET=1")
+def test_softcap_needs_the_matmul_schedule():
+    from nca_kernels import config
+
+    batch = make_batch(b=1, k=2, t=4, h=8, v=17).cast(torch.float32)
+    with config.triton_options(backward="fused"), pytest.raises(ValueError, match="softcap runs on the matmul"):
+        nk.sequence_logprobs(batch.hidden, batch.weight, batch.labels, softcap=5.0, backend="triton")

@@ -52,6 +52,9 @@ def _call(batch, **over):
         (lambda b: dict(loss_type="ipo"), ValueError, "loss_type must be one of"),
         (lambda b: dict(backend="tpu"), ValueError, "backend must be one of"),
         (lambda b: dict(ignore_index=-100.0), TypeError, "ignore_index must be an int"),
+        (lambda b: dict(softcap=0.0), ValueError, "softcap must be a finite float > 0"),
+        (lambda b: dict(softcap=math.inf), ValueError, "softcap must be a finite float > 0"),
+        (lambda b: dict(softcap="30"), TypeError, "softcap must be a float or None"),
     ],
 )
 def test_fused_nca_loss_rejects(batch, over, exc, match):

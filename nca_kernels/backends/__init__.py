@@ -5,11 +5,13 @@ Every backend is a module exposing the same four passes. Shapes: ``hidden2d (M, 
 response rows (None: every row) and ``targets (N,)`` int64 their labels, all in ``[0, V)``.
 Statistics come back in the accumulation dtype (float32, float64 for float64 inputs).
 
-- ``linear_forward(hidden2d, weight, bias, index, targets) -> (lse, target_logit)``, each ``(N,)``.
-- ``linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs)
+- ``linear_forward(hidden2d, weight, bias, index, targets, softcap=None) -> (lse, target_logit)``,
+  each ``(N,)``; with ``softcap`` the logits are ``softcap * tanh(logits / softcap)``.
+- ``linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs, softcap=None)
   -> (dhidden2d, dweight, dbias)``: the gradients of ``sum_n grad_tok[n] * logp[n]`` where
-  ``logp = target_logit - lse``, i.e. logit gradients ``grad_tok * (onehot - softmax)``; input
-  dtypes; None where ``needs`` (three bools) says it is not wanted; rows outside index are zero.
+  ``logp = target_logit - lse``, i.e. logit gradients ``grad_tok * (onehot - softmax)`` (times the
+  cap's slope with softcap); input dtypes; None where ``needs`` (three bools) says it is not
+  wanted; rows outside index are zero.
 - ``logits_forward(logits2d, index, targets) -> (lse, target_logit)``.
 - ``logits_backward(logits2d, index, targets, lse, grad_tok, inplace) -> dlogits2d``: the logits
   gradient in the logits dtype, zero outside index; with ``inplace`` it overwrites logits2d.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import config
-from .torch_chunked import accum_dtype, addmm_, cast, weight_grad_buffer
+from .torch_chunked import accum_dtype, addmm_, cap_, cap_slope, cast, weight_grad_buffer
 
 
 def rows_per_chunk(weight: torch.Tensor) -> tuple[int, int]:
@@ -29,12 +29,20 @@ def rows_per_chunk(weight: torch.Tensor) -> tuple[int, int]:
     return tuple(max(1, size // row) for size in config.group_budget(weight.device))
 
 
-def logits_chunk(hidden2d, weight, bias, index, out=None) -> torch.Tensor:
-    """``hidden2d[index] @ weight.T + bias``: ``(len(index), V)`` in the input dtype, into ``out``
-    (rows ``[:len(index)]`` of a reused buffer) when given."""
+def logits_chunk(hidden2d, weight, bias, index, out=None, softcap=None) -> torch.Tensor:
+    """``hidden2d[index] @ weight.T + bias``, capped by softcap: ``(len(index), V)`` in the input
+    dtype, into ``out`` (rows ``[:len(index)]`` of a reused buffer) when given."""
     h = hidden2d.index_select(0, index)
     out = torch.mm(h, weight.t()) if out is None else torch.mm(h, weight.t(), out=out[: h.shape[0]])
-    return out if bias is None else out.add_(bias)
+    return cap_(out if bias is None else out.add_(bias), softcap)
+
+
+def grads_(be, buf, targets, lse, grad_tok, softcap):
+    """In place: logits ``buf`` (capped when softcap is set) become ``grad_tok * (onehot - softmax)``,
+    times the cap's slope with softcap (which holds one more buffer like ``buf``)."""
+    slope = None if softcap is None else cap_slope(buf, softcap)
+    dl = be.logits_backward(buf, None, targets, lse, grad_tok, True)
+    return dl if slope is None else dl.mul_(slope)
 
 
 def chunk_stats_(be, buf, targets, keep) -> tuple:
@@ -49,11 +57,11 @@ def chunk_stats_(be, buf, targets, keep) -> tuple:
 
 
 def chunk_grads_(be, buf, hidden2d, weight, index, targets, lse, shift, grad_tok, dhidden, dweight,
-                 dbias) -> None:
-    """Turn ``buf`` (the logits of rows ``index``, or their ``exp(logits - shift)`` when ``shift`` is
-    given, see :func:`chunk_stats_`) into their gradient in place and add dH, dW, db."""
+                 dbias, softcap=None) -> None:
+    """Turn ``buf`` (the logits of rows ``index``, capped by softcap, or their ``exp(logits - shift)``
+    when ``shift`` is given, see :func:`chunk_stats_`) into their gradient in place and add dH, dW, db."""
     if shift is None:
-        dl = be.logits_backward(buf, None, targets, lse, grad_tok, True)
+        dl = grads_(be, buf, targets, lse, grad_tok, softcap)
     else:  # -g * softmax is a row scaling of exp(logits - shift); then the one-hot part
         dl = buf.mul_((grad_tok * torch.exp(shift - lse)).neg_()[:, None])
         dl.scatter_add_(1, targets[:, None], grad_tok[:, None])
@@ -84,12 +92,12 @@ def _tiles(n: int, weight: torch.Tensor):
         yield slice(r0, min(n, r0 + rows)), [(v0, min(v, v0 + cols)) for v0 in range(0, v, cols)]
 
 
-def _logit_tile(h, weight, bias, v0, v1):
+def _logit_tile(h, weight, bias, v0, v1, softcap):
     out = h @ weight[v0:v1].t()
-    return out if bias is None else out.add_(bias[v0:v1])
+    return cap_(out if bias is None else out.add_(bias[v0:v1]), softcap)
 
 
-def linear_forward(be, hidden2d, weight, bias, index, targets):
+def linear_forward(be, hidden2d, weight, bias, index, targets, softcap=None):
     """Forward from (tokens x vocab) tiles: a matmul makes each tile, ``be.logits_forward`` reduces
     it to a per-row logsumexp (and the label's logit when the label falls in the tile); the tiles'
     logsumexps fold once per token chunk. Backward recomputes the very same tiles."""
@@ -102,14 +110,14 @@ def linear_forward(be, hidden2d, weight, bias, index, targets):
         parts = torch.empty(h.shape[0], len(vtiles), dtype=acc, device=h.device)
         for j, (v0, v1) in enumerate(vtiles):
             hit = (y >= v0) & (y < v1)
-            parts[:, j], picked = be.logits_forward(_logit_tile(h, weight, bias, v0, v1), None,
+            parts[:, j], picked = be.logits_forward(_logit_tile(h, weight, bias, v0, v1, softcap), None,
                                                     torch.where(hit, y - v0, 0))
             tgt[r] = torch.where(hit, picked, tgt[r])
         lse[r] = torch.logsumexp(parts, dim=1)
     return lse, tgt
 
 
-def linear_backward(be, hidden2d, weight, bias, index, targets, lse, grad_tok, needs):
+def linear_backward(be, hidden2d, weight, bias, index, targets, lse, grad_tok, needs, softcap=None):
     """Backward from the forward's tiles: a matmul recomputes each tile, ``be.logits_backward`` turns
     it in place into ``grad_tok * (onehot - softmax)`` (labels shifted to the tile's columns, so a
     label outside the tile adds no one-hot; ``lse`` is the full row's), and two more matmuls add its
@@ -124,8 +132,8 @@ def linear_backward(be, hidden2d, weight, bias, index, targets, lse, grad_tok, n
         h = hidden2d.index_select(0, index[r])
         dh = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
         for v0, v1 in vtiles:
-            dl = be.logits_backward(_logit_tile(h, weight, bias, v0, v1), None, targets[r] - v0, lse[r],
-                                    grad_tok[r], True)
+            dl = grads_(be, _logit_tile(h, weight, bias, v0, v1, softcap), targets[r] - v0, lse[r], grad_tok[r],
+                        softcap)
             if need_b:
                 dbias[v0:v1] += dl.sum(0, dtype=acc)
             if need_h:

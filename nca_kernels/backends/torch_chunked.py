@@ -55,6 +55,16 @@ def addmm_(out, a, b):
         out.add_(a @ b)
 
 
+def cap_(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """In place: ``softcap * tanh(logits / softcap)``; unchanged when softcap is None."""
+    return logits if softcap is None else logits.div_(softcap).tanh_().mul_(softcap)
+
+
+def cap_slope(capped: torch.Tensor, softcap: float) -> torch.Tensor:
+    """``d capped / d logits = 1 - (capped / softcap)**2``, from the capped logits (a new tensor)."""
+    return (capped / softcap).square_().neg_().add_(1)
+
+
 def cast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """``x`` in ``dtype`` (no copy when it already is); None stays None."""
     return None if x is None else x.to(dtype)
@@ -78,12 +88,12 @@ def _row_chunks(n: int, v: int, device):
     return range(0, n, rows), rows
 
 
-def _logit_tile(h, weight, bias, v0, v1, acc):
-    """``h @ weight[v0:v1].T + bias[v0:v1]`` as an ``acc`` tensor (a fresh buffer)."""
+def _logit_tile(h, weight, bias, v0, v1, acc, softcap):
+    """``h @ weight[v0:v1].T + bias[v0:v1]``, capped by softcap, as an ``acc`` tensor (a fresh buffer)."""
     out = (h @ weight[v0:v1].t()).to(acc)
     if bias is not None:
         out += bias[v0:v1]
-    return out
+    return cap_(out, softcap)
 
 
 def _to_grad_(tile, y, v0, lse, g):
@@ -99,13 +109,14 @@ def _rows(x, index, r0, r1):
     return x[r0:r1] if index is None else x.index_select(0, index[r0:r1])
 
 
-def _target_logits(h, weight, bias, y, acc):
-    """``(h * weight[y]).sum(-1) + bias[y]`` in ``acc``: the target logit of each row of ``h``."""
+def _target_logits(h, weight, bias, y, acc, softcap):
+    """``(h * weight[y]).sum(-1) + bias[y]`` in ``acc``, capped by softcap: the target logit of each
+    row of ``h``."""
     out = torch.linalg.vecdot(h.to(acc), weight.index_select(0, y).to(acc))
-    return out if bias is None else out + bias.index_select(0, y).to(acc)
+    return cap_(out if bias is None else out + bias.index_select(0, y).to(acc), softcap)
 
 
-def linear_forward(hidden2d, weight, bias, index, targets):
+def linear_forward(hidden2d, weight, bias, index, targets, softcap=None):
     acc = accum_dtype(hidden2d.dtype)
     n = hidden2d.shape[0] if index is None else index.numel()
     v = weight.shape[0]
@@ -115,18 +126,19 @@ def linear_forward(hidden2d, weight, bias, index, targets):
     for t0 in range(0, n, tc):
         t1 = min(n, t0 + tc)
         h = _rows(hidden2d, index, t0, t1)
-        tgt[t0:t1] = _target_logits(h, weight, bias, targets[t0:t1], acc)
+        tgt[t0:t1] = _target_logits(h, weight, bias, targets[t0:t1], acc, softcap)
         # per-tile logsumexps, folded once per token chunk
         parts = torch.empty(t1 - t0, -(-v // vc), dtype=acc, device=h.device)
         for j, v0 in enumerate(range(0, v, vc)):
-            parts[:, j] = torch.logsumexp(_logit_tile(h, weight, bias, v0, min(v, v0 + vc), acc), dim=1)
+            parts[:, j] = torch.logsumexp(_logit_tile(h, weight, bias, v0, min(v, v0 + vc), acc, softcap), dim=1)
         lse[t0:t1] = torch.logsumexp(parts, dim=1)
     return lse, tgt
 
 
-def linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs):
+def linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs, softcap=None):
     """Per tile: ``P = -g * exp(logits - lse)`` in place, then ``dH += P @ W``, ``dW += P^T @ h``,
-    ``db += sum(P)``; the one-hot part (``g`` at each target) is added once per token chunk."""
+    ``db += sum(P)``; the one-hot part (``g`` at each target) is added once per token chunk. With
+    softcap, P and the one-hot part are scaled by the cap's slope (:func:`cap_slope`)."""
     need_h, need_w, need_b = needs
     dtype, acc = hidden2d.dtype, accum_dtype(hidden2d.dtype)
     n = hidden2d.shape[0] if index is None else index.numel()
@@ -141,7 +153,11 @@ def linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs
         dh = torch.zeros(t1 - t0, hdim, dtype=acc, device=h.device) if need_h else None
         for v0 in range(0, v, vc):
             v1 = min(v, v0 + vc)
-            p = _logit_tile(h, weight, bias, v0, v1, acc).sub_(lse[t0:t1, None]).exp_().mul_(-g[:, None])
+            p = _logit_tile(h, weight, bias, v0, v1, acc, softcap)
+            slope = None if softcap is None else cap_slope(p, softcap)
+            p.sub_(lse[t0:t1, None]).exp_().mul_(-g[:, None])
+            if slope is not None:
+                p.mul_(slope)
             if need_b:
                 dbias[v0:v1] += p.sum(0)
             p = p.to(dtype)
@@ -151,6 +167,8 @@ def linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs
                 addmm_(dweight[v0:v1], p.t(), h)
             del p
         # the one-hot part, once per token chunk: g at each row's target
+        if softcap is not None:
+            g = g * cap_slope(_target_logits(h, weight, bias, y, acc, softcap), softcap)
         if need_b:
             dbias.index_add_(0, y, g)
         if need_w:

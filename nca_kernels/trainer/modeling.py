@@ -41,12 +41,9 @@ def _adapted(head) -> bool:
 
 def check_lm_head(model):
     """The output embedding of ``model`` if the fused loss can use its weight as the LM head, else a
-    ValueError that says why: logits capped after the head, adapters on it, or a sharded weight."""
+    ValueError that says why: adapters on it, or a sharded weight."""
     base = _base(model)
     name = type(base).__name__
-    cfg = base.config
-    if getattr(cfg, "final_logit_softcapping", None):
-        raise ValueError(f"{name} caps its logits (final_logit_softcapping): not supported")
     head = base.get_output_embeddings()
     if _adapted(head):
         raise ValueError(f"{name}'s LM head carries active PEFT adapters, which the fused loss (reading the head's "
@@ -66,17 +63,20 @@ def logit_multiplier(model) -> float:
     return float(getattr(cfg, "logit_scale", None) or 1.0) / float(getattr(cfg, "logits_scaling", None) or 1.0)
 
 
-def head_operands(model, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(hidden, weight, bias)`` whose ``hidden @ weight.T + bias`` are the model's logits: the
-    LM-head weight ``(V, H)`` and bias (or None) in hidden's dtype (tied embeddings share the
-    weight), with the model's constant logit multiplier folded into hidden and bias."""
+def head_operands(model, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
+    """``(hidden, weight, bias, softcap)``: the model's logits are ``hidden @ weight.T + bias``, capped
+    to ``softcap * tanh(logits / softcap)`` when softcap is not None (Gemma 2's
+    ``final_logit_softcapping``). The LM-head weight ``(V, H)`` and bias (or None) come in hidden's
+    dtype (tied embeddings share the weight), the model's constant logit multiplier folded into
+    hidden and bias."""
     head = check_lm_head(model)
     bias = getattr(head, "bias", None)
     weight, bias = head.weight.to(hidden.dtype), (None if bias is None else bias.to(hidden.dtype))
     scale = logit_multiplier(model)
     if scale != 1.0:
         hidden, bias = hidden * scale, (None if bias is None else bias * scale)
-    return hidden, weight, bias
+    softcap = getattr(_base(model).config, "final_logit_softcapping", None)
+    return hidden, weight, bias, (float(softcap) if softcap else None)
 
 
 def _one_logit_kwargs(model) -> dict:
@@ -102,16 +102,19 @@ def last_hidden(model, unwrapped, batch: dict) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def check_head_output(model, hidden, last_logits, weight, bias) -> None:
+def check_head_output(model, hidden, last_logits, weight, bias, softcap) -> None:
     """Raise a ValueError unless the model's last-position logits ``(S, V)`` are
-    ``hidden[:, -1] @ weight.T + bias``, the operands of :func:`head_operands` (to 2% of the largest
-    logit: 16-bit rounding passes, a capped or adapted head does not). The fused loss assumes exactly
-    that head; a model that transforms its logits after it in a way no config names would otherwise
-    train on a wrong loss. The product is formed in the weight's dtype: no copy of the weight."""
+    ``hidden[:, -1] @ weight.T + bias`` (capped by softcap), from the operands of
+    :func:`head_operands`, to 2% of the largest logit: 16-bit rounding passes, an adapted or otherwise
+    transformed head does not. The fused loss assumes exactly that head; a model that transforms
+    its logits after it in a way no config names would otherwise train on a wrong loss. The product
+    is formed in the weight's dtype: no copy of the weight."""
     want = last_logits.float()
     got = (hidden[:, -1] @ weight.t()).float()
     if bias is not None:
         got += bias.float()
+    if softcap is not None:
+        got = softcap * torch.tanh(got / softcap)
     err, top = float((got - want).abs().max()), float(want.abs().max())
     if err > 0.02 * top + 1e-4:
         raise ValueError(f"{type(_base(model)).__name__}'s logits are not its last hidden state times the LM-head "

@@ -39,11 +39,11 @@ def compute_logps(model, dataset, collator, *, batch_size: int, average: bool = 
             batch = {k: v.to(device) for k, v in batch.items()}
             with forward_context():
                 hidden, last_logits = last_hidden(model, model, batch)
-            hidden, weight, bias = head_operands(model, hidden.to(next(model.parameters()).dtype))
+            hidden, weight, bias, softcap = head_operands(model, hidden.to(next(model.parameters()).dtype))
             if i == 0:
-                check_head_output(model, hidden, last_logits, weight, bias)
+                check_head_output(model, hidden, last_logits, weight, bias, softcap)
             logps = sequence_logprobs(hidden, weight, batch["labels"], bias=bias, average=average, shift=True,
-                                      backend=backend)
+                                      softcap=softcap, backend=backend)
             logps = logps.float().view(batch["rewards"].shape)
             if accelerator is not None:
                 logps = accelerator.gather_for_metrics(logps)

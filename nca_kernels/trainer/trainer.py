@@ -77,14 +77,14 @@ class NCATrainer(Trainer):
         """Backbone to last hidden states, then the fused loss on the LM-head weight (labels shifted)."""
         unwrapped = self.accelerator.unwrap_model(model)
         hidden, last_logits = last_hidden(model, unwrapped, inputs)
-        hidden, weight, bias = head_operands(unwrapped, hidden)
+        hidden, weight, bias, softcap = head_operands(unwrapped, hidden)
         if not self._head_checked:  # once: the model's own logits agree with the head the loss reads
-            check_head_output(unwrapped, hidden, last_logits, weight, bias)
+            check_head_output(unwrapped, hidden, last_logits, weight, bias, softcap)
             self._head_checked = True
         loss, metrics = fused_nca_loss(
             hidden, weight, inputs["labels"], inputs["rewards"], inputs["ref_logps"], beta=self.args.beta,
             alpha=self.alpha, loss_type=self.args.loss_type, bias=bias, average=self.args.average, shift=True,
-            recompute=self.args.recompute, backend=self.args.backend, return_metrics=True,
+            softcap=softcap, recompute=self.args.recompute, backend=self.args.backend, return_metrics=True,
         )
         self._record(metrics, inputs["rewards"], "train" if model.training else "eval")
         return (loss, metrics) if return_outputs else loss

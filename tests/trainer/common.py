@@ -9,6 +9,8 @@ import torch
 from transformers import (
     CohereConfig,
     CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
     LlamaConfig,
@@ -68,6 +70,13 @@ def tiny_granite(vocab: int, seed: int = 0) -> GraniteForCausalLM:
 def tiny_cohere(vocab: int, seed: int = 0) -> CohereForCausalLM:
     """Cohere: logits multiplied by ``logit_scale`` after the (tied) head."""
     return _tiny(CohereConfig, CohereForCausalLM, vocab, seed, num_key_value_heads=4, logit_scale=0.25)
+
+
+def tiny_gemma2(vocab: int, seed: int = 0) -> Gemma2ForCausalLM:
+    """Gemma 2: logits capped by ``final_logit_softcapping`` after the (tied) head; a cap this small
+    bends the tiny model's logits (up to about 0.4) well into the tanh."""
+    return _tiny(Gemma2Config, Gemma2ForCausalLM, vocab, seed, num_key_value_heads=4, head_dim=8,
+                 final_logit_softcapping=0.2)
 
 
 def reward_rows(n: int = 8, k: int = 4, seed: int = 0) -> list[dict]:

@@ -9,7 +9,16 @@ from datasets import Dataset
 from nca_kernels import ops, reference
 from nca_kernels.trainer import NCAConfig, NCATrainer
 
-from .common import char_tokenizer, one_thread, reward_rows, tiny_cohere, tiny_granite, tiny_llama, tiny_phi  # noqa: F401
+from .common import (  # noqa: F401
+    char_tokenizer,
+    one_thread,
+    reward_rows,
+    tiny_cohere,
+    tiny_gemma2,
+    tiny_granite,
+    tiny_llama,
+    tiny_phi,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,8 +42,8 @@ def batch_of(trainer, rows=4):
     return trainer.data_collator([trainer.train_dataset[i] for i in range(rows)])
 
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_phi, tiny_granite, tiny_cohere],
-                         ids=["llama-tied", "phi-bias", "granite-scaled", "cohere-scaled"])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_phi, tiny_granite, tiny_cohere, tiny_gemma2],
+                         ids=["llama-tied", "phi-bias", "granite-scaled", "cohere-scaled", "gemma2-capped"])
 @pytest.mark.parametrize("loss_type,recompute", [("nca", True), ("infonca", True), ("nca", False)])
 def test_loss_and_grads_match_full_logits(tmp_path, monkeypatch, build, loss_type, recompute):
     tok = char_tokenizer()

@@ -8,32 +8,28 @@ import torch
 
 from nca_kernels.trainer.modeling import head_operands
 
-from .common import char_tokenizer, reward_rows, tiny_cohere, tiny_granite, tiny_llama, tiny_phi
+from .common import char_tokenizer, reward_rows, tiny_cohere, tiny_gemma2, tiny_granite, tiny_llama, tiny_phi
 from .test_trainer_loss import make_trainer
 
 
 def logits_of(model, hidden):
     """What the fused loss takes for the model's logits of ``hidden`` ``(N, H)``."""
-    hidden, weight, bias = head_operands(model, hidden)
-    return hidden @ weight.T + (0 if bias is None else bias)
+    hidden, weight, bias, softcap = head_operands(model, hidden)
+    logits = hidden @ weight.T + (0 if bias is None else bias)
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_phi, tiny_granite, tiny_cohere])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_phi, tiny_granite, tiny_cohere, tiny_gemma2])
 def test_operands_give_the_models_logits(build):
-    """Tied and untied heads, a bias, Granite's ``logits_scaling`` and Cohere's ``logit_scale``."""
+    """Tied and untied heads, a bias, Granite's ``logits_scaling``, Cohere's ``logit_scale`` and
+    Gemma 2's ``final_logit_softcapping``."""
     model = build(len(char_tokenizer()))
     ids = torch.randint(3, 40, (2, 7))
     out = model(input_ids=ids, output_hidden_states=True)
     torch.testing.assert_close(logits_of(model, out.hidden_states[-1]), out.logits, rtol=1e-5, atol=1e-5)
-    hidden, weight, bias = head_operands(model, out.hidden_states[-1].bfloat16())
+    hidden, weight, _, softcap = head_operands(model, out.hidden_states[-1].bfloat16())
     assert hidden.dtype == weight.dtype == torch.bfloat16
-
-
-def test_softcapped_logits_are_refused():
-    model = tiny_llama(40)
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="caps its logits"):
-        head_operands(model, torch.randn(2, 32))
+    assert (softcap is not None) == (build is tiny_gemma2)
 
 
 def test_logits_transformed_after_the_head_are_refused(tmp_path):

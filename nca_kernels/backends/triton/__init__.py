@@ -50,22 +50,34 @@ def _matmul_schedule() -> bool:
     return config.backward == "matmul" and not (config.deterministic or config.filter_eps)
 
 
-def linear_forward(hidden2d, weight, bias, index, targets):
-    if hidden2d.dtype == torch.float64:
-        return torch_chunked.linear_forward(hidden2d, weight, bias, index, targets)
+def _fused_schedule(softcap) -> bool:
+    """Whether the fused kernels run the linear passes (see :func:`_matmul_schedule`); they do not
+    cap logits, so a softcap with an option only they have is refused."""
     if _matmul_schedule():
+        return False
+    if softcap is not None:
+        raise ValueError("softcap runs on the matmul schedule only: unset filter_eps and deterministic, and "
+                         "keep config.backward='matmul'")
+    return True
+
+
+def linear_forward(hidden2d, weight, bias, index, targets, softcap=None):
+    if hidden2d.dtype == torch.float64:
+        return torch_chunked.linear_forward(hidden2d, weight, bias, index, targets, softcap)
+    if not _fused_schedule(softcap):
         return rowchunk.linear_forward(sys.modules[__name__], hidden2d, weight, bias,
-                                       _rows(index, hidden2d.shape[0], hidden2d.device), targets)
+                                       _rows(index, hidden2d.shape[0], hidden2d.device), targets, softcap)
     return _fwd.linear_forward(_contiguous_rows(hidden2d), weight.contiguous(), bias,
                                _rows(index, hidden2d.shape[0], hidden2d.device), targets)
 
 
-def linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs):
+def linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs, softcap=None):
     if hidden2d.dtype == torch.float64:
-        return torch_chunked.linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs)
-    if _matmul_schedule():
+        return torch_chunked.linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs, softcap)
+    if not _fused_schedule(softcap):
         return rowchunk.linear_backward(sys.modules[__name__], hidden2d, weight, bias,
-                                        _rows(index, hidden2d.shape[0], hidden2d.device), targets, lse, grad_tok, needs)
+                                        _rows(index, hidden2d.shape[0], hidden2d.device), targets, lse, grad_tok, needs,
+                                        softcap)
     return _bwd.linear_backward(_contiguous_rows(hidden2d), weight.contiguous(), bias,
                                 _rows(index, hidden2d.shape[0], hidden2d.device), targets, lse, grad_tok, needs)
 

@@ -158,8 +158,7 @@ class GroupedNCALoss(torch.autograd.Function):
             for s in subs:  # forward statistics
                 buf = rowchunk.logits_chunk(hidden2d, weight, bias, tokens.index[s], work, softcap)
                 local = slice(s.start - t0, s.stop - t0)
-                lse[local], tgt[local], shift = rowchunk.chunk_stats_(be, buf, tokens.targets[s],
-                                                                      keep and softcap is None)
+                lse[local], tgt[local], shift = rowchunk.chunk_stats_(be, buf, tokens.targets[s], keep, softcap)
             chunk_policy = tokens.reduce(tgt - lse, slice(t0, t1)).view(b, k)[p0:p1]
             part, g, rew = losses.loss_sum_and_grad(
                 chunk_policy, ref_logps[p0:p1], rewards[p0:p1], beta, alpha, loss_type, 1.0 / b

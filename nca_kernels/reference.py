@@ -15,9 +15,12 @@ def sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, a
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return sequence_logprobs_from_logits(logits, labels, ignore_index=ignore_index, average=average)
+    return sequence_logprobs_from_logits(cap(logits, softcap), labels, ignore_index=ignore_index, average=average)
+
+
+def cap(logits, softcap=None):
+    """``softcap * tanh(logits / softcap)``; ``logits`` themselves when softcap is None."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 def sequence_logprobs_from_logits(logits, labels, *, ignore_index=-100, average=False):

@@ -45,13 +45,13 @@ def grads_(be, buf, targets, lse, grad_tok, softcap):
     return dl if slope is None else dl.mul_(slope)
 
 
-def chunk_stats_(be, buf, targets, keep) -> tuple:
+def chunk_stats_(be, buf, targets, keep, softcap=None) -> tuple:
     """``(lse, target_logit, shift)`` of the rows of ``buf``. With ``keep`` (``buf`` serves the
     gradient next) and a backend that has ``logits_exp_`` for ``buf``'s dtype, ``buf`` becomes
     ``exp(buf - shift)``, so the gradient needs no second exp; otherwise ``shift`` is None and
     ``buf`` is unchanged. (16-bit buffers keep their logits: their exp would lose the statistics'
-    float32 accuracy.)"""
-    if keep and hasattr(be, "logits_exp_") and buf.dtype == accum_dtype(buf.dtype):
+    float32 accuracy; so do capped ones: the cap's slope in the gradient needs them.)"""
+    if keep and softcap is None and hasattr(be, "logits_exp_") and buf.dtype == accum_dtype(buf.dtype):
         return be.logits_exp_(buf, targets)
     return (*be.logits_forward(buf, None, targets), None)
 

@@ -7,6 +7,8 @@ import inspect
 
 import torch
 
+from .. import reference
+
 
 def attn_implementation() -> str:
     """``flash_attention_2`` when flash-attn is installed and a GPU is present, else ``sdpa``."""
@@ -113,8 +115,7 @@ def check_head_output(model, hidden, last_logits, weight, bias, softcap) -> None
     got = (hidden[:, -1] @ weight.t()).float()
     if bias is not None:
         got += bias.float()
-    if softcap is not None:
-        got = softcap * torch.tanh(got / softcap)
+    got = reference.cap(got, softcap)
     err, top = float((got - want).abs().max()), float(want.abs().max())
     if err > 0.02 * top + 1e-4:
         raise ValueError(f"{type(_base(model)).__name__}'s logits are not its last hidden state times the LM-head "

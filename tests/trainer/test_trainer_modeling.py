@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nca_kernels import reference
 from nca_kernels.trainer.modeling import head_operands
 
 from .common import char_tokenizer, reward_rows, tiny_cohere, tiny_gemma2, tiny_granite, tiny_llama, tiny_phi
@@ -15,8 +16,7 @@ from .test_trainer_loss import make_trainer
 def logits_of(model, hidden):
     """What the fused loss takes for the model's logits of ``hidden`` ``(N, H)``."""
     hidden, weight, bias, softcap = head_operands(model, hidden)
-    logits = hidden @ weight.T + (0 if bias is None else bias)
-    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    return reference.cap(hidden @ weight.T + (0 if bias is None else bias), softcap)
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_phi, tiny_granite, tiny_cohere, tiny_gemma2])

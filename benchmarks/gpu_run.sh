@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Reproduce the GPU results on one CUDA device, one step at a time (each well under 10 minutes on an H100):
+#   bash benchmarks/gpu_run.sh RESULTS_DIR [STEP...]
+# Steps, in the order that settles the most per minute (all of them when none is named):
+#   tests     the cuda equivalence tests (every backend against the float64 reference)
+#   headline  the headline case with every peer: peaks after warm-up, full-size gradient errors
+#   peaked    gradient filtering beside CCE's default filter, on trained-looking logits
+#   tiles     the recompute schedule's tile shapes, with a profile of the default one
+#   sweep     the sweep and the peers' largest-fit search, for 300 s
+#   trainer   the demo, then one process of the CLI under FSDP2
+# Files are named after the device (h100_headline.json, ...). Needs the peers installed
+# (pip install -e '.[bench,train]'), or, on a machine without network, from the wheels in $WHEELS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[[ $# -ge 1 ]] || { sed -n 2,12p "$0"; exit 2; }
+out=$(mkdir -p "$1" && cd "$1" && pwd)
+shift
+steps=("$@")
+[[ ${#steps[@]} -gt 0 ]] || steps=(tests headline peaked tiles sweep trainer)
+
+if [[ -n "${WHEELS:-}" ]]; then  # pure-Python peers beside a preinstalled torch, triton and transformers
+    site=/tmp/nca_kernels_site
+    [[ -d $site ]] || python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$WHEELS"/*.whl
+    export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+ls nca_kernels/_C*.so >/dev/null 2>&1 || python3 setup.py -q build_ext --inplace >"$out/build_ext.log" 2>&1
+tag=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
+nvidia-smi >"$out/${tag}_nvidia_smi.txt" 2>&1 || true
+bench=(python3 benchmarks/run.py --device cuda)
+
+run_step() {
+    case $1 in
+        tests)
+            python3 -m pytest -q tests/test_fused.py tests/test_triton.py tests/test_cuda.py tests/test_memory.py \
+                --junitxml "$out/${tag}_tests.xml" >"$out/${tag}_tests.log" 2>&1
+            local rc=$?; tail -n 30 "$out/${tag}_tests.log"; return $rc ;;
+        headline)
+            "${bench[@]}" --headline --no-fit --skip "ours[torch" \
+                --out "$out/${tag}_headline.json" --md "$out/${tag}_headline.md" ;;
+        peaked)
+            "${bench[@]}" --headline --no-fit --logits peaked --only naive "ours[triton" "ours[cuda" cce three \
+                --out "$out/${tag}_headline_peaked.json" --md "$out/${tag}_headline_peaked.md" ;;
+        tiles)
+            python3 benchmarks/tile_sweep.py --profile --out "$out/${tag}_tile_sweep.json" --md "$out/${tag}_tile_sweep.md" ;;
+        sweep)
+            "${bench[@]}" --time-budget 300 --skip "ours[torch" \
+                --out "$out/${tag}_sweep.json" --plot "$out/${tag}_sweep.png" --md "$out/${tag}_sweep.md" ;;
+        trainer)
+            local demo=$out/${tag}_demo log=$out/${tag}_trainer.log
+            python3 -m nca_kernels.train --demo --output_dir "$demo" >"$log" 2>&1 \
+                && torchrun --standalone --nproc_per_node 1 -m nca_kernels.train --model_name_or_path "$demo/reference" \
+                    --dataset "$demo/data.jsonl" --output_dir /tmp/nca_kernels_fsdp --max_steps 4 --fsdp full_shard \
+                    --fsdp_config '{"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}' >>"$log" 2>&1
+            local rc=$?; rm -rf "$demo/reference" "$demo/nca"; tail -n 20 "$log"; return $rc ;;
+        *) echo "unknown step: $1" >&2; return 2 ;;
+    esac
+}
+
+failed=()
+for step in "${steps[@]}"; do
+    echo "== $step ($(date -u +%H:%M:%S) UTC)"
+    run_step "$step" || failed+=("$step")
+done
+[[ ${#failed[@]} -eq 0 ]] || { echo "failed: ${failed[*]}" >&2; exit 1; }

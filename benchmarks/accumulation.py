@@ -61,7 +61,8 @@ def naive(hidden, weight, targets, grad):
 def chunked(hidden, weight, targets, grad, chunks, mode):
     n, h = hidden.shape
     rows = -(-n // chunks)
-    with config.chunk_bytes(tile=rows * 2 * (2 * hidden.element_size() + 4) * h), config.weight_grad_accumulation(mode):
+    row = rowchunk.tile_row_bytes(h, hidden.dtype, hidden.device)
+    with config.chunk_bytes(tile=rows * 2 * row), config.weight_grad_accumulation(mode):
         index = torch.arange(n)
         lse, _ = rowchunk.linear_forward(torch_chunked, hidden, weight, None, index, targets)
         dh, dw, _ = rowchunk.linear_backward(torch_chunked, hidden, weight, None, index, targets, lse, grad,

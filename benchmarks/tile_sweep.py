@@ -8,9 +8,10 @@ Each (token rows x vocab columns) shape is forced for its run by standing in for
 ``rowchunk.tile_shape`` (a tuning aid: the package picks its shape from ``config.tile_budget``).
 Taller tiles mean fewer token chunks: fewer passes over the weight and fewer bf16 roundings of dW
 (``benchmarks/accumulation.py``), at more memory per token row (its gathered hidden row, a float32
-dH accumulator row and a dH product row). The issue-3 memory target is 64 MiB beyond the inputs
-and their gradients. The default run times the headline case on CUDA; ``--device cpu`` under
-``TRITON_INTERPRET=1`` with a tiny ``--case`` only exercises the script.
+dH accumulator row and, unless the matmul adds into float32 unrounded, a dH product row). The
+issue-3 memory target is 64 MiB beyond the inputs and their gradients. The default run times the
+headline case on CUDA; ``--device cpu`` under ``TRITON_INTERPRET=1`` with a tiny ``--case`` only
+exercises the script.
 """
 
 from __future__ import annotations
@@ -34,22 +35,22 @@ from nca_kernels.backends import rowchunk, unavailable_reason
 MiB = 1 << 20
 
 
-def tile_bytes(rows: int, cols: int, case: peers.Case) -> int:
-    """Scratch of one tile as ``rowchunk.tile_shape`` counts it: logits plus three per-row operands."""
-    size = peers.DTYPES[case.dtype].itemsize
-    return rows * cols * size + rows * (2 * size + 4) * case.H
+def tile_bytes(rows: int, cols: int, case: peers.Case, device: torch.device) -> int:
+    """Scratch of one tile as ``rowchunk.tile_shape`` counts it: logits plus the per-row operands."""
+    dtype = peers.DTYPES[case.dtype]
+    return rows * cols * dtype.itemsize + rows * rowchunk.tile_row_bytes(case.H, dtype, device)
 
 
-def shapes(case: peers.Case, rows_list, cols_list, max_bytes: int) -> list[tuple[int, int]]:
+def shapes(case: peers.Case, device, rows_list, cols_list, max_bytes: int) -> list[tuple[int, int]]:
     out = [(r, min(c, case.V)) for r in rows_list for c in cols_list
-           if r <= case.tokens and tile_bytes(r, min(c, case.V), case) <= max_bytes]
+           if r <= case.tokens and tile_bytes(r, min(c, case.V), case, device) <= max_bytes]
     return sorted(set(out))
 
 
 def measure(backend: str, shape, problem, case, device, args, ref) -> dict:
     """One backend with one forced tile shape: peak beyond the gradients, median ms, errors."""
     row = {"backend": backend, "rows": shape[0], "cols": shape[1], "chunks": -(-case.tokens // shape[0]),
-           "tile_mib": tile_bytes(*shape, case) / MiB}
+           "tile_mib": tile_bytes(*shape, case, device) / MiB}
     with mock.patch.object(rowchunk, "tile_shape", lambda n, weight: (min(n, shape[0]), shape[1])):
         prepared = peers.ours(backend, True)(problem, device, peers.Options())
         grads = sum(x.numel() * x.element_size() for x in prepared.leaves)
@@ -110,7 +111,7 @@ def main(argv=None):
         if reason is not None:
             skipped[backend] = reason
             continue
-        for shape in shapes(case, args.rows, args.cols, int(args.max_mib * MiB)):
+        for shape in shapes(case, device, args.rows, args.cols, int(args.max_mib * MiB)):
             try:
                 row = measure(backend, shape, problem, case, device, args, ref)
             except Exception as exc:  # an OOM or a failing shape is reported, not fatal

@@ -68,3 +68,39 @@ def test_from_logits_never_copies_the_logits():
         peak = peak_bytes(run, CPU)
     grad_bytes = logits.numel() * logits.element_size()
     assert peak <= grad_bytes + 4 * (64 << 10) + (64 << 10)
+
+
+@pytest.mark.parametrize("tile", [256 << 10, 1 << 20, 4 << 20])
+def test_tile_passes_stay_within_the_tile_budget(tile):
+    """The GPU backends' (tokens x vocab) tile passes (``rowchunk``, here with the torch backend's
+    from-logits passes, float32): beyond dH and dW, one tile and its token rows as ``tile_shape``
+    counts them, never more than the budget."""
+    from nca_kernels.backends import rowchunk, torch_chunked
+
+    batch = make_batch(b=2, k=2, t=512, h=64, v=8000, dtype=torch.float32, seed=2)
+    hidden, weight = batch.hidden.detach().reshape(-1, 64), batch.weight.detach()
+    labels = batch.labels.reshape(-1)
+    index = (labels != -100).nonzero().squeeze(1)
+    with nk.chunk_bytes(tile=tile):
+        lse, _ = rowchunk.linear_forward(torch_chunked, hidden, weight, None, index, labels[index])
+        grad = torch.randn(index.numel())
+        peak = peak_bytes(lambda: rowchunk.linear_backward(torch_chunked, hidden, weight, None, index, labels[index],
+                                                           lse, grad, (True, True, False)), CPU)
+    grads = (hidden.numel() + weight.numel()) * 4
+    assert grads <= peak <= grads + 1.05 * tile + (16 << 10)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_tile_shape_counts_the_product_row_only_where_it_exists(monkeypatch, wide):
+    """At the headline shape (V=128256, H=4096, bf16, 48 MiB): a token row costs its hidden row, its
+    float32 dH row and, unless the matmul adds into float32 unrounded, a bf16 dH product row."""
+    from nca_kernels.backends import rowchunk
+
+    monkeypatch.setattr(rowchunk, "wide_addmm", lambda device, dtype: wide)
+    weight = torch.empty(128256, 4096, dtype=torch.bfloat16, device="meta")
+    with nk.chunk_bytes(tile=48 << 20):
+        rows, cols = rowchunk.tile_shape(8192, weight)
+    row = (2 + 4 + (0 if wide else 2)) * 4096
+    assert rowchunk.tile_row_bytes(4096, torch.bfloat16, weight.device) == row
+    assert rows * cols * 2 + rows * row <= 48 << 20
+    assert (rows, cols) == ((1024, 12288) if wide else (768, 16384))

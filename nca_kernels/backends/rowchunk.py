@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import config
-from .torch_chunked import accum_dtype, addmm_, cap_, cap_slope, cast, weight_grad_buffer
+from .torch_chunked import accum_dtype, addmm_, cap_, cap_slope, cast, weight_grad_buffer, wide_addmm
 
 
 def rows_per_chunk(weight: torch.Tensor) -> tuple[int, int]:
@@ -73,14 +73,24 @@ def chunk_grads_(be, buf, hidden2d, weight, index, targets, lse, shift, grad_tok
         addmm_(dweight, dl.t(), hidden2d.index_select(0, index))
 
 
+def tile_row_bytes(h: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Bytes per token row of a backward tile beside its logits: the gathered hidden row, the
+    float32 ``dH`` accumulator row and, where :func:`addmm_` must round a 16-bit product before
+    adding it, that product row."""
+    size = dtype.itemsize
+    acc = accum_dtype(dtype)
+    product = 0 if acc == dtype or wide_addmm(device, dtype) else size
+    return (size + acc.itemsize + product) * h
+
+
 def tile_shape(n: int, weight: torch.Tensor) -> tuple[int, int]:
-    """(tokens, vocab) of one backward tile within the tile budget: the tile's logits plus, per token
-    row, its gathered hidden row, a float32 ``dH`` accumulator row and one ``dH`` product row."""
+    """(tokens, vocab) of one backward tile within the tile budget: at most half of it (and 1024
+    rows) for the token rows (:func:`tile_row_bytes`), the rest for the logits."""
     v, h = weight.shape
-    size = weight.element_size()
+    row = tile_row_bytes(h, weight.dtype, weight.device)
     budget = config.tile_budget(weight.device)
-    rows = max(1, min(n, 1024, budget // (2 * (2 * size + 4) * h)))
-    cols = max(1, min(v, (budget - rows * (2 * size + 4) * h) // (rows * size)))
+    rows = max(1, min(n, 1024, budget // (2 * row)))
+    cols = max(1, min(v, (budget - rows * row) // (rows * weight.element_size())))
     return rows, cols
 
 

@@ -20,7 +20,8 @@ def sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, a
                       softcap=None, backend="auto"):
     """Per-sequence log-probs ``(S,)`` straight from the LM head, never holding the logits.
 
-    hidden ``(S, T, H)``, weight ``(V, H)``, bias ``(V,)`` or None, all one float dtype;
+    hidden ``(S, T, H)``, weight ``(V, H)``, bias ``(V,)`` or None, all one float dtype (under
+    autocast they are cast to its dtype first, as the LM head's own matmul would be);
     labels ``(S, T)`` int64 where ``hidden[s, t]`` predicts ``labels[s, t]`` and ``ignore_index``
     marks prompt and padding; with ``shift=True`` it predicts ``labels[s, t + 1]`` instead (labels
     as a causal LM's inputs, Hugging Face style). ``softcap`` caps the logits to
@@ -28,9 +29,10 @@ def sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, a
     float64 inputs); a sequence with no response tokens gets 0. ``average=True`` divides by the
     number of response tokens.
     """
+    hidden, weight, bias = ops.autocast_inputs(hidden, weight, bias)
     validation.check_backend(backend)
-    validation.check_softcap(softcap)
-    validation.check_hidden_inputs(hidden, weight, labels, bias, ignore_index)
+    softcap = validation.check_softcap(softcap)
+    ignore_index = validation.check_hidden_inputs(hidden, weight, labels, bias, ignore_index, shift)
     labels = _shifted(labels, ignore_index, shift)
     return ops.LinearLogprobs.apply(hidden, weight, bias, labels, ignore_index, bool(average), backend, softcap)
 
@@ -40,21 +42,17 @@ def sequence_logprobs_from_logits(logits, labels, *, ignore_index=-100, average=
     """Per-sequence log-probs ``(S,)`` from logits ``(S, T, V)`` (any float dtype), read in chunks;
     ``shift`` as in :func:`sequence_logprobs`."""
     validation.check_backend(backend)
-    validation.check_logits_inputs(logits, labels, ignore_index)
+    ignore_index = validation.check_logits_inputs(logits, labels, ignore_index, shift)
     labels = _shifted(labels, ignore_index, shift)
     return ops.LogitsLogprobs.apply(logits, labels, ignore_index, bool(average), backend)
 
 
 def nca_loss(policy_logps, ref_logps, rewards, *, beta, alpha, loss_type="nca"):
-    """Mean over prompts of the InfoNCA/NCA loss; all inputs ``(B, K)``; differentiable in policy_logps."""
-    validation.check_loss_params(beta, alpha, loss_type)
-    if not isinstance(policy_logps, torch.Tensor):
-        raise TypeError(f"policy_logps must be a torch.Tensor, got {type(policy_logps).__name__}")
+    """Mean over prompts of the InfoNCA/NCA loss; all inputs ``(B, K)``; differentiable in
+    policy_logps (rewards and ref_logps are constants); computed in float32 at least."""
+    beta, alpha = validation.check_loss_params(beta, alpha, loss_type)
+    validation.check_policy_logps(policy_logps, rewards)
     validation.check_group_tensors(rewards, ref_logps, None, loss_type, policy_logps.device)
-    if policy_logps.shape != rewards.shape:
-        raise ValueError(
-            f"policy_logps has shape {tuple(policy_logps.shape)} but rewards has shape {tuple(rewards.shape)}"
-        )
     per_prompt, _ = losses.loss_terms(policy_logps, ref_logps, rewards, beta, alpha, loss_type)
     return per_prompt.mean()
 
@@ -65,8 +63,8 @@ def fused_nca_loss(hidden, weight, labels, rewards, ref_logps, *, beta, alpha, l
     """InfoNCA/NCA loss (mean over prompts) from last hidden states and the LM-head weight.
 
     hidden ``(B*K, T, H)`` with the K responses of each prompt contiguous, weight ``(V, H)``,
-    labels ``(B*K, T)`` (``shift`` and ``softcap`` as in :func:`sequence_logprobs`), rewards and
-    ref_logps ``(B, K)``.
+    labels ``(B*K, T)`` (``shift``, ``softcap`` and autocast as in :func:`sequence_logprobs`),
+    rewards and ref_logps ``(B, K)`` (constants: no gradient flows to them).
     ``recompute=True`` keeps only O(tokens)
     floats between passes and recomputes logits in backward; ``recompute=False`` walks chunks of
     whole prompt groups and forms every gradient in forward (no recompute, one chunk of logits
@@ -74,20 +72,21 @@ def fused_nca_loss(hidden, weight, labels, rewards, ref_logps, *, beta, alpha, l
     one matmul of the recompute path. With ``return_metrics=True`` returns ``(loss, metrics)``,
     metrics being detached (see :func:`nca_kernels.losses.preference_metrics`).
     """
+    hidden, weight, bias = ops.autocast_inputs(hidden, weight, bias)
     validation.check_backend(backend)
-    validation.check_loss_params(beta, alpha, loss_type)
-    validation.check_softcap(softcap)
-    validation.check_hidden_inputs(hidden, weight, labels, bias, ignore_index)
+    beta, alpha = validation.check_loss_params(beta, alpha, loss_type)
+    softcap = validation.check_softcap(softcap)
+    ignore_index = validation.check_hidden_inputs(hidden, weight, labels, bias, ignore_index, shift)
     b, k = validation.check_group_tensors(rewards, ref_logps, hidden.shape[0], loss_type, hidden.device)
     labels = _shifted(labels, ignore_index, shift)
     if recompute or not torch.is_grad_enabled():  # the group path forms gradients in its forward
-        logps = sequence_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                                  average=average, softcap=softcap, backend=backend).view(b, k)
+        logps = ops.LinearLogprobs.apply(hidden, weight, bias, labels, ignore_index, bool(average), backend,
+                                         softcap).view(b, k)
         per_prompt, model_rewards = losses.loss_terms(logps, ref_logps, rewards, beta, alpha, loss_type)
         loss = per_prompt.mean()
     else:
         loss, logps, model_rewards = ops.GroupedNCALoss.apply(
-            hidden, weight, bias, labels, rewards, ref_logps, float(beta), float(alpha), loss_type,
+            hidden, weight, bias, labels, rewards, ref_logps, beta, alpha, loss_type,
             ignore_index, bool(average), backend, softcap,
         )
     if not return_metrics:

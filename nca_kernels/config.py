@@ -23,14 +23,9 @@ from __future__ import annotations
 import contextlib
 import os
 
-
-def _env_bytes(name: str) -> int | None:
-    return int(os.environ[name]) if name in os.environ else None
-
-
-tile_bytes: int | None = _env_bytes("NCA_KERNELS_TILE_BYTES")
+tile_bytes: int | None = None
 _DEFAULT_TILE_BYTES = {"cpu": 1 << 20, "cuda": 48 << 20}
-group_bytes: int | None = _env_bytes("NCA_KERNELS_GROUP_BYTES")
+group_bytes: int | None = None
 _DEFAULT_GROUP_BYTES = {"cpu": (192 << 20, 1 << 30), "cuda": (1 << 30, 1 << 30)}  # (pack, cap)
 
 
@@ -53,7 +48,7 @@ def set_chunk_bytes(*, tile: int | None = None, group: int | None = None) -> Non
     """Set the byte budgets globally (None keeps the current value)."""
     global tile_bytes, group_bytes
     for name, value in (("tile", tile), ("group", group)):
-        if value is not None and (not isinstance(value, int) or value <= 0):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ValueError(f"{name} must be a positive int number of bytes, got {value!r}")
     tile_bytes = tile if tile is not None else tile_bytes
     group_bytes = group if group is not None else group_bytes
@@ -87,21 +82,23 @@ def chunk_bytes(*, tile: int | None = None, group: int | None = None):
 # ``NCA_KERNELS_SCRATCH_BYTES``, ``NCA_KERNELS_TRITON_BACKWARD``; or :func:`set_triton_options` /
 # :func:`triton_options`.
 
-filter_eps: float = float(os.environ.get("NCA_KERNELS_FILTER_EPS", 0.0))
-deterministic: bool = os.environ.get("NCA_KERNELS_DETERMINISTIC", "0") == "1"
-scratch_bytes: int = int(os.environ.get("NCA_KERNELS_SCRATCH_BYTES", 32 << 20))
-backward: str = os.environ.get("NCA_KERNELS_TRITON_BACKWARD", "matmul")
+filter_eps: float = 0.0
+deterministic: bool = False
+scratch_bytes: int = 32 << 20
+backward: str = "matmul"
 _BACKWARDS = ("matmul", "fused")
 
 
 def set_triton_options(*, filter_eps: float | None = None, deterministic: bool | None = None,
                        scratch_bytes: int | None = None, backward: str | None = None) -> None:
     """Set the Triton backend options globally (None keeps the current value)."""
-    if filter_eps is not None and (not isinstance(filter_eps, (int, float)) or not 0 <= filter_eps < 1):
+    if filter_eps is not None and (isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float))
+                                   or not 0 <= filter_eps < 1):
         raise ValueError(f"filter_eps must be a float in [0, 1), got {filter_eps!r}")
     if deterministic is not None and not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
-    if scratch_bytes is not None and (not isinstance(scratch_bytes, int) or scratch_bytes <= 0):
+    if scratch_bytes is not None and (isinstance(scratch_bytes, bool) or not isinstance(scratch_bytes, int)
+                                      or scratch_bytes <= 0):
         raise ValueError(f"scratch_bytes must be a positive int number of bytes, got {scratch_bytes!r}")
     if backward is not None and backward not in _BACKWARDS:
         raise ValueError(f"backward must be one of {_BACKWARDS}, got {backward!r}")
@@ -136,7 +133,7 @@ def triton_options(*, filter_eps: float | None = None, deterministic: bool | Non
 # Environment: ``NCA_KERNELS_WEIGHT_GRAD_ACCUM``; or :func:`set_weight_grad_accum` /
 # :func:`weight_grad_accumulation`.
 
-weight_grad_accum: str = os.environ.get("NCA_KERNELS_WEIGHT_GRAD_ACCUM", "weight")
+weight_grad_accum: str = "weight"
 _ACCUMS = ("weight", "float32")
 
 
@@ -157,3 +154,31 @@ def weight_grad_accumulation(mode: str):
         yield
     finally:
         set_weight_grad_accum(saved)
+
+
+def _flag(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise ValueError("expected 1 or 0")
+    return text == "1"
+
+
+def _from_environment() -> None:
+    """Apply the ``NCA_KERNELS_*`` variables through the setters above; a bad value raises a
+    ValueError that names the variable."""
+    for name, parse, apply in (
+        ("NCA_KERNELS_TILE_BYTES", int, lambda v: set_chunk_bytes(tile=v)),
+        ("NCA_KERNELS_GROUP_BYTES", int, lambda v: set_chunk_bytes(group=v)),
+        ("NCA_KERNELS_FILTER_EPS", float, lambda v: set_triton_options(filter_eps=v)),
+        ("NCA_KERNELS_DETERMINISTIC", _flag, lambda v: set_triton_options(deterministic=v)),
+        ("NCA_KERNELS_SCRATCH_BYTES", int, lambda v: set_triton_options(scratch_bytes=v)),
+        ("NCA_KERNELS_TRITON_BACKWARD", str, lambda v: set_triton_options(backward=v)),
+        ("NCA_KERNELS_WEIGHT_GRAD_ACCUM", str, set_weight_grad_accum),
+    ):
+        if name in os.environ:
+            try:
+                apply(parse(os.environ[name]))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"environment variable {name}={os.environ[name]!r}: {exc}") from None
+
+
+_from_environment()

@@ -30,8 +30,8 @@ def soft_labels(rewards: torch.Tensor, alpha: float) -> torch.Tensor:
     ``alpha == 0`` is the limit alpha -> 0+: uniform over the responses sharing the maximal
     reward (one-hot when the maximum is unique).
     """
-    if alpha > 0:
-        return torch.softmax(rewards / alpha, dim=-1)
+    if alpha > 0:  # shifted first: finite rewards over a tiny alpha stay finite
+        return torch.softmax((rewards - rewards.amax(dim=-1, keepdim=True)) / alpha, dim=-1)
     top = (rewards == rewards.amax(dim=-1, keepdim=True)).to(rewards.dtype)
     return top / top.sum(dim=-1, keepdim=True)
 
@@ -59,15 +59,15 @@ def loss_terms(
     alpha: float,
     loss_type: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-prompt losses ``(B,)`` and model rewards ``(B, K)``; differentiable in policy_logps.
+    """Per-prompt losses ``(B,)`` and model rewards ``(B, K)``; differentiable in policy_logps only.
 
-    Computed in ``policy_logps.dtype`` (float32, or float64 for gradcheck). Inputs are assumed
-    validated (see :mod:`nca_kernels.validation`).
+    Computed in float32, or float64 when policy_logps is (gradcheck), whatever the dtypes of the
+    inputs, which are assumed validated (see :mod:`nca_kernels.validation`).
     """
     base, alpha = resolve_loss_type(loss_type, alpha)
-    dtype = policy_logps.dtype
-    model_rewards = beta * (policy_logps - ref_logps.to(dtype))
-    targets = soft_labels(rewards.to(dtype), alpha)
+    dtype = torch.promote_types(policy_logps.dtype, torch.float32)
+    model_rewards = beta * (policy_logps.to(dtype) - ref_logps.detach().to(dtype))
+    targets = soft_labels(rewards.detach().to(dtype), alpha)
     return per_prompt_loss(model_rewards, targets, base), model_rewards
 
 

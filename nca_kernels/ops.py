@@ -1,4 +1,4 @@
-"""Autograd functions: validate, pick a backend, run the two passes.
+"""Autograd functions: pick a backend, run the two passes (autocast off, first-order only).
 
 Two exact strategies (DESIGN.md section 4):
 
@@ -12,6 +12,7 @@ Two exact strategies (DESIGN.md section 4):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,46 @@ import torch
 from . import losses
 from .backends import get_backend, rowchunk
 from .backends.torch_chunked import accum_dtype, cast, weight_grad_buffer
+
+
+def autocast_inputs(hidden, weight, bias):
+    """Under autocast for hidden's device, hidden, weight and bias cast to its dtype (differentiably),
+    as the LM head's own matmul would be; float64 and non-tensors (left to validation) as they are."""
+    if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(hidden.device.type)
+
+    def cast(x):
+        return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64 else x
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def _no_autocast(fn):
+    """Run an autograd pass with autocast off: its inputs are already in their compute dtype, and
+    forward and backward must recompute the very same tiles."""
+
+    @functools.wraps(fn)
+    def run(*args):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args)
+
+    return run
+
+
+def _first_order(backward):
+    """Refuse ``create_graph=True``: the passes form gradients that autograd cannot differentiate
+    again (a silent zero otherwise, since ``torch.autograd.grad(..., inputs)`` skips the error node of
+    ``once_differentiable``)."""
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError("nca_kernels computes first-order gradients only: backward with create_graph=True "
+                               "(second-order gradients) is not supported")
+        return backward(ctx, *grads)
+
+    return run
 
 
 @dataclass
@@ -61,6 +102,7 @@ class LinearLogprobs(torch.autograd.Function):
     ``softcap`` when given); minimal memory."""
 
     @staticmethod
+    @_no_autocast
     def forward(ctx, hidden, weight, bias, labels, ignore_index, average, backend, softcap):
         be = get_backend(backend, hidden.device)
         hidden2d = hidden.reshape(-1, hidden.shape[-1])
@@ -71,6 +113,8 @@ class LinearLogprobs(torch.autograd.Function):
         return tokens.reduce(tgt - lse)
 
     @staticmethod
+    @_first_order
+    @_no_autocast
     def backward(ctx, grad_seq):
         hidden, weight, bias, lse = ctx.saved_tensors
         tokens = ctx.tokens
@@ -87,6 +131,7 @@ class LogitsLogprobs(torch.autograd.Function):
     """``(S,)`` sequence log-probs from logits ``(S, T, V)``; never copies the whole logits."""
 
     @staticmethod
+    @_no_autocast
     def forward(ctx, logits, labels, ignore_index, average, backend):
         be = get_backend(backend, logits.device)
         tokens = Tokens.from_labels(labels, ignore_index, average, accum_dtype(logits.dtype))
@@ -96,6 +141,8 @@ class LogitsLogprobs(torch.autograd.Function):
         return tokens.reduce(tgt - lse)
 
     @staticmethod
+    @_first_order
+    @_no_autocast
     def backward(ctx, grad_seq):
         logits, lse = ctx.saved_tensors
         tokens = ctx.tokens
@@ -131,6 +178,7 @@ class GroupedNCALoss(torch.autograd.Function):
     """
 
     @staticmethod
+    @_no_autocast
     def forward(ctx, hidden, weight, bias, labels, rewards, ref_logps, beta, alpha, loss_type,
                 ignore_index, average, backend, softcap):
         be = get_backend(backend, hidden.device)
@@ -179,6 +227,8 @@ class GroupedNCALoss(torch.autograd.Function):
         return total, policy, model_rewards
 
     @staticmethod
+    @_first_order
+    @_no_autocast
     def backward(ctx, grad_loss, _grad_policy, _grad_rewards):
         grads = ctx.saved_tensors
         if not bool(grad_loss == 1):  # the usual ``loss.backward()`` needs no extra copy

@@ -453,3 +453,49 @@ def test_softcap_needs_the_matmul_schedule():
     batch = make_batch(b=1, k=2, t=4, h=8, v=17).cast(torch.float32)
     with config.triton_options(backward="fused"), pytest.raises(ValueError, match="softcap runs on the matmul"):
         nk.sequence_logprobs(batch.hidden, batch.weight, batch.labels, softcap=5.0, backend="triton")
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("recompute", [True, False])
+def test_autocast_runs_in_its_dtype(device, backend, recompute):
+    """Under autocast, float32 hidden, weight and bias are cast to its dtype (as the LM head's own
+    matmul would be) and the gradients flow back through the cast: the loss and gradients equal
+    those of the same step with the casts written out, also with backward inside autocast."""
+    batch = make_batch(b=2, k=2, t=10, h=16, v=70, bias=True, device=device).cast(torch.float32)
+    kw = dict(beta=0.5, alpha=0.5, recompute=recompute, backend=backend)
+    low = torch.bfloat16 if device == "cpu" else torch.float16
+
+    def step(cast):
+        h, w, bias = (cast(x) for x in batch.leaves())
+        return nk.fused_nca_loss(h, w, batch.labels, batch.rewards, batch.ref_logps, bias=bias, **kw)
+
+    expected = torch.autograd.grad(step(lambda x: x.to(low)), batch.leaves())
+    with torch.autocast(device, dtype=low):
+        loss = step(lambda x: x)
+        got = torch.autograd.grad(loss, batch.leaves())
+    assert loss.dtype == torch.float32
+    for g, e, x in zip(got, expected, batch.leaves()):
+        assert g.dtype == x.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_second_order_gradients_refused(recompute):
+    """The passes are first-order: ``create_graph=True`` raises instead of giving a gradient whose own
+    gradient would be silently wrong."""
+    batch = make_batch(b=1, k=2, t=6, h=8, v=20)
+    loss = nk.fused_nca_loss(batch.hidden, batch.weight, batch.labels, batch.rewards, batch.ref_logps, beta=0.5,
+                             alpha=0.5, recompute=recompute, backend="torch")
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(loss, batch.hidden, create_graph=True)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_rewards_and_ref_logps_are_constants(recompute):
+    """No gradient reaches rewards or ref_logps, in either mode."""
+    batch = make_batch(b=2, k=2, t=6, h=8, v=20)
+    rewards, ref_logps = batch.rewards.clone().requires_grad_(), batch.ref_logps.clone().requires_grad_()
+    loss = nk.fused_nca_loss(batch.hidden, batch.weight, batch.labels, rewards, ref_logps, beta=0.5, alpha=0.5,
+                             recompute=recompute, backend="torch")
+    loss.backward()
+    assert rewards.grad is None and ref_logps.grad is None and batch.hidden.grad is not None

@@ -119,3 +119,23 @@ def test_metrics():
     assert m["accuracy"].item() == pytest.approx(0.5)
     assert m["margin"].item() == pytest.approx(((0.3 - 0.15) + (0.1 - 0.15)) / 2)
     torch.testing.assert_close(m["chosen_logps"], torch.tensor([-10.0, -5.0]))
+
+
+def test_low_precision_policy_computed_in_float32():
+    """A bf16/fp16 policy_logps is promoted: ref_logps and rewards are never rounded to its dtype,
+    and large log-probs do not overflow."""
+    rewards = torch.tensor([[1.0, 0.0]])
+    ref = torch.tensor([[-300.75, -299.25]])
+    policy = torch.tensor([[-300.0, -300.0]])  # exact in bf16
+    expected = nk.nca_loss(policy, ref, rewards, beta=0.1, alpha=0.0, loss_type="dpo")
+    got = nk.nca_loss(policy.bfloat16(), ref, rewards, beta=0.1, alpha=0.0, loss_type="dpo")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    big = nk.nca_loss(torch.tensor([[-65000.0, -65000.0]]).half(), torch.tensor([[-70000.0, -69000.0]]), rewards,
+                      beta=0.1, alpha=0.0, loss_type="dpo")
+    assert torch.isfinite(big)
+
+
+def test_soft_labels_of_extreme_rewards_stay_finite():
+    for rewards, alpha in ((torch.tensor([[5.0, 4.0]]), 1e-38), (torch.tensor([[1e36, 0.0]]), 1e-3)):
+        torch.testing.assert_close(soft_labels(rewards, alpha), torch.tensor([[1.0, 0.0]]))

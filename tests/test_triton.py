@@ -230,3 +230,14 @@ def test_gpu_from_logits(dtype):
     want = reference.sequence_logprobs_from_logits(ref, batch.labels)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert_close((got, *grads(got, [x])), (want, *grads(want, [ref])), rtol=tol, atol=tol)
+
+
+def test_fused_kernels_read_a_strided_bias():
+    """The fused kernels take no bias stride: a strided bias view is made contiguous first."""
+    batch = make_batch(b=1, k=2, t=9, h=16, v=37, bias=True, device=DEVICE).cast(torch.float32)
+    strided = torch.stack([batch.bias.detach(), torch.full_like(batch.bias, 1e3)], 1).reshape(-1)[::2]
+    strided.requires_grad_()
+    expected = reference.sequence_logprobs(batch.hidden, batch.weight, batch.labels, bias=batch.bias)
+    with config.triton_options(deterministic=True):
+        got = sequence_logprobs(batch.hidden, batch.weight, batch.labels, bias=strided, backend="triton")
+    assert_close([got, *grads(got, [strided])], [expected, *grads(expected, [batch.bias])], rtol=1e-4, atol=1e-4)

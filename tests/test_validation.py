@@ -55,11 +55,62 @@ def _call(batch, **over):
         (lambda b: dict(softcap=0.0), ValueError, "softcap must be a finite float > 0"),
         (lambda b: dict(softcap=math.inf), ValueError, "softcap must be a finite float > 0"),
         (lambda b: dict(softcap="30"), TypeError, "softcap must be a float or None"),
+        (lambda b: dict(ignore_index=True), TypeError, "ignore_index must be an int"),
+        (lambda b: dict(hidden=b.hidden[:, :, :0], weight=b.weight[:, :0]), ValueError, "with H > 0"),
+        (lambda b: dict(hidden=b.hidden[:0], labels=b.labels[:0], rewards=b.rewards[:0], ref_logps=b.ref_logps[:0]),
+         ValueError, "at least one prompt"),
     ],
 )
 def test_fused_nca_loss_rejects(batch, over, exc, match):
     with pytest.raises(exc, match=match):
         _call(batch, **over(batch))
+
+
+def test_numpy_scalars_accepted(batch):
+    """NumPy scalars (as configs often carry them) are read as the Python numbers they hold."""
+    np = pytest.importorskip("numpy")
+    expected = _call(batch)
+    got = _call(batch, beta=np.float32(0.1), alpha=np.float64(0.1), ignore_index=np.int64(-100),
+                softcap=None)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
+def test_shift_reads_no_label_at_the_first_position(batch):
+    """With shift=True the first label is never predicted, so it is not checked either."""
+    labels = batch.labels.clone()
+    labels[:, 0] = 10**6
+    with pytest.raises(ValueError, match="outside"):
+        _call(batch, labels=labels)
+    _call(batch, labels=labels, shift=True)
+
+
+@pytest.mark.parametrize(
+    "name,value,match",
+    [("NCA_KERNELS_TILE_BYTES", "1M", "invalid literal"), ("NCA_KERNELS_GROUP_BYTES", "-1", "positive int"),
+     ("NCA_KERNELS_DETERMINISTIC", "true", "expected 1 or 0"), ("NCA_KERNELS_FILTER_EPS", "abc", "could not convert"),
+     ("NCA_KERNELS_TRITON_BACKWARD", "Matmul", "backward must be one of"),
+     ("NCA_KERNELS_WEIGHT_GRAD_ACCUM", "fp32", "weight_grad_accum must be one of")],
+)
+def test_bad_environment_variable_named(monkeypatch, name, value, match):
+    from nca_kernels import config
+
+    for option in ("tile_bytes", "group_bytes", "filter_eps", "deterministic", "backward", "weight_grad_accum"):
+        monkeypatch.setattr(config, option, getattr(config, option))  # restored after the test
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"environment variable {name}='{value}': .*{match}"):
+        config._from_environment()
+
+
+def test_environment_variables_applied(monkeypatch):
+    from nca_kernels import config
+
+    for option in ("tile_bytes", "deterministic", "weight_grad_accum"):
+        monkeypatch.setattr(config, option, getattr(config, option))
+    monkeypatch.setenv("NCA_KERNELS_TILE_BYTES", "4096")
+    monkeypatch.setenv("NCA_KERNELS_DETERMINISTIC", "1")
+    monkeypatch.setenv("NCA_KERNELS_WEIGHT_GRAD_ACCUM", "float32")
+    config._from_environment()
+    assert (config.tile_bytes, config.deterministic, config.weight_grad_accum) == (4096, True, "float32")
 
 
 def test_pair_aliases_need_k2():
@@ -96,6 +147,10 @@ def test_other_entry_points_validate(batch):
         nk.FusedNCALoss(loss_type="sigmoid")
     with pytest.raises(ValueError, match="tile must be a positive"):
         nk.set_chunk_bytes(tile=0)
+    with pytest.raises(ValueError, match="tile must be a positive"):
+        nk.set_chunk_bytes(tile=True)
+    with pytest.raises(TypeError, match="policy_logps must be a floating"):
+        nk.nca_loss(torch.zeros(2, 2, dtype=torch.int64), batch.ref_logps, batch.rewards, beta=0.1, alpha=0.1)
     with pytest.raises(ValueError, match="weight_grad_accum must be one of"):
         nk.config.set_weight_grad_accum("bf16")
     assert nk.config.weight_grad_accum == "weight"  # unchanged by the refused value

@@ -40,8 +40,9 @@ def _rows(index, m, device):
 
 
 def _contiguous_rows(x):
-    """``x`` with unit stride along its last dimension (row stride free)."""
-    return x if x.stride(-1) == 1 else x.contiguous()
+    """``x`` with unit stride along its last dimension (row stride free; a bias, which the fused
+    kernels read without a stride, made contiguous); None stays None."""
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
 def _matmul_schedule() -> bool:
@@ -67,7 +68,7 @@ def linear_forward(hidden2d, weight, bias, index, targets, softcap=None):
     if not _fused_schedule(softcap):
         return rowchunk.linear_forward(sys.modules[__name__], hidden2d, weight, bias,
                                        _rows(index, hidden2d.shape[0], hidden2d.device), targets, softcap)
-    return _fwd.linear_forward(_contiguous_rows(hidden2d), weight.contiguous(), bias,
+    return _fwd.linear_forward(_contiguous_rows(hidden2d), weight.contiguous(), _contiguous_rows(bias),
                                _rows(index, hidden2d.shape[0], hidden2d.device), targets)
 
 
@@ -78,7 +79,7 @@ def linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs
         return rowchunk.linear_backward(sys.modules[__name__], hidden2d, weight, bias,
                                         _rows(index, hidden2d.shape[0], hidden2d.device), targets, lse, grad_tok, needs,
                                         softcap)
-    return _bwd.linear_backward(_contiguous_rows(hidden2d), weight.contiguous(), bias,
+    return _bwd.linear_backward(_contiguous_rows(hidden2d), weight.contiguous(), _contiguous_rows(bias),
                                 _rows(index, hidden2d.shape[0], hidden2d.device), targets, lse, grad_tok, needs)
 
 

@@ -36,7 +36,7 @@ EXT_MODULES, CMDCLASS = cuda_extension()
 
 EXTRAS = {
     "triton": ["triton>=3.0"],
-    "train": ["transformers>=4.46", "datasets>=2.19", "accelerate>=1.0", "matplotlib>=3.7"],
+    "train": ["transformers>=5.0", "datasets>=2.19", "accelerate>=1.0", "matplotlib>=3.7"],
     "bench": ["matplotlib>=3.7", "pytest-benchmark>=4.0", "liger-kernel>=0.5", "cut-cross-entropy>=25.1", "trl>=1.16"],
     "test": ["pytest>=8.0", "pytest-benchmark>=4.0", "peft>=0.13"],
 }

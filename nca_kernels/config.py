@@ -75,9 +75,10 @@ def chunk_bytes(*, tile: int | None = None, group: int | None = None):
 # ``deterministic``: split backward passes without atomics (one over token tiles writes dH, one over
 # vocabulary tiles writes dW and db), bitwise reproducible, slower. ``scratch_bytes``: the float32
 # dH accumulator of the backward for 16-bit inputs covers at most this many bytes of token rows.
-# ``backward``: ``"matmul"`` (default) recomputes (tokens x vocab) tiles with cuBLAS, turns them into
-# gradients with the from-logits kernel and gets dH, dW from cuBLAS (scratch: one tile budget);
-# ``"fused"`` runs the fused Triton backward above (the only one that filters or is deterministic).
+# ``backward``: the schedule of both linear passes. ``"matmul"`` (default): (tokens x vocab) tiles
+# from cuBLAS, reduced by the from-logits kernels, and dH, dW from cuBLAS (scratch: one tile
+# budget); ``"fused"``: the fused Triton forward and backward above, which never write a tile
+# (the only ones that filter or are deterministic; either option also selects them).
 # Environment: ``NCA_KERNELS_FILTER_EPS``, ``NCA_KERNELS_DETERMINISTIC`` (1/0),
 # ``NCA_KERNELS_SCRATCH_BYTES``, ``NCA_KERNELS_TRITON_BACKWARD``; or :func:`set_triton_options` /
 # :func:`triton_options`.

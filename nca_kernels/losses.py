@@ -99,7 +99,8 @@ def preference_metrics(
 ) -> dict[str, torch.Tensor]:
     """Detached metrics as the official code logs them, from ``(B, K)`` tensors.
 
-    ``accuracy``: fraction of prompts whose top-reward response also has the top model reward.
+    ``accuracy``: fraction of prompts whose top-reward response has a model reward above every other
+    response's (strictly: ties, as at the start of training, count as wrong).
     ``margin``: model reward of the top-reward response minus the mean of the other responses'.
     ``chosen_logps``: policy log-prob of the top-reward response, ``(B,)``.
     """
@@ -107,10 +108,11 @@ def preference_metrics(
     chosen_reward = model_rewards.gather(-1, top).squeeze(-1)
     k = model_rewards.shape[-1]
     others = (model_rewards.sum(-1) - chosen_reward) / (k - 1)
+    best_other = model_rewards.scatter(-1, top, float("-inf")).amax(dim=-1)
     return {
         "policy_logps": policy_logps.detach(),
         "model_rewards": model_rewards.detach(),
-        "accuracy": (model_rewards.argmax(dim=-1, keepdim=True) == top).float().mean(),
+        "accuracy": (chosen_reward > best_other).float().mean(),
         "margin": (chosen_reward - others).mean(),
         "chosen_logps": policy_logps.detach().gather(-1, top).squeeze(-1),
     }

@@ -25,7 +25,17 @@ class ScriptArguments:
         default=None, metadata={"help": "Training data: a .json/.jsonl/.parquet file or a saved dataset directory."}
     )
     eval_dataset: str | None = field(default=None, metadata={"help": "Optional evaluation data, same formats."})
-    demo: bool = field(default=False, metadata={"help": "Run the embedded CPU demo instead (no model or data needed)."})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "The weights' dtype: float32 (with --bf16 or --fp16 for mixed precision), bfloat16, "
+                          "float16, or auto (the checkpoint's).",
+                  "choices": ["float32", "bfloat16", "float16", "auto"]},
+    )
+    demo: bool = field(
+        default=False,
+        metadata={"help": "Run the embedded CPU demo instead (no model or data needed; it uses its own loss and "
+                          "optimiser settings)."},
+    )
     compare: bool = field(default=False, metadata={"help": "With --demo: also run InfoNCA from the same start."})
 
 
@@ -39,7 +49,8 @@ def train(script: ScriptArguments, config):
     if not os.path.isdir(path):
         raise ValueError(f"--model_name_or_path {path!r} is not a local model directory")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation=attn_implementation())
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation=attn_implementation(),
+                                                 dtype=script.dtype)
     eval_data = load_reward_dataset(script.eval_dataset) if script.eval_dataset else None
     trainer = NCATrainer(model, config, train_dataset=load_reward_dataset(script.dataset), eval_dataset=eval_data,
                          processing_class=tokenizer)
@@ -56,13 +67,18 @@ def main(argv: list[str] | None = None) -> None:
     from .trainer.demo import DemoArguments, run_demo
 
     parser = HfArgumentParser((ScriptArguments, DemoArguments, NCAConfig))
-    script, demo_args, config = parser.parse_args_into_dataclasses(args=argv if argv is not None else sys.argv[1:])
-    if script.demo:
-        run_demo(config, demo_args, compare=script.compare)
-    elif script.model_name_or_path is None or script.dataset is None:
-        parser.error("--model_name_or_path and --dataset are required (or --demo)")
-    else:
-        train(script, config)
+    try:  # bad settings and data end as a usage error, not a traceback
+        script, demo_args, config = parser.parse_args_into_dataclasses(args=argv if argv is not None else sys.argv[1:])
+        if script.demo:
+            run_demo(config, demo_args, compare=script.compare)
+        elif script.compare:
+            parser.error("--compare needs --demo")
+        elif script.model_name_or_path is None or script.dataset is None:
+            parser.error("--model_name_or_path and --dataset are required (or --demo)")
+        else:
+            train(script, config)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The Triton backend against the float64 reference: on CPU under ``TRITON_INTERPRET=1``
 (small shapes whose V and H are not block multiples), and on CUDA (``-m gpu``: bf16, fp16,
 bigger shapes). The interpreter is chosen when kernels are decorated, so the variable must be
-set before the test session starts; without it and without CUDA this module is skipped."""
+set before the kernels are imported: conftest.py sets it on a machine without CUDA."""
 
 from __future__ import annotations
 

@@ -74,33 +74,54 @@ def _ultrafeedback_k(columns) -> int:
 
 
 def _row_fields(row: dict, fmt: str, k_cols: int) -> tuple:
+    """``(prompt, responses, rewards, ref_logps or None)`` of a row; precomputed reference log-probs
+    come from a ``ref_logps`` column (K floats), or TRL's ``ref_chosen_logps`` / ``ref_rejected_logps``."""
+    ref = row.get("ref_logps")
     if fmt == "rewards":
-        return row["prompt"], row["responses"], row["rewards"]
+        return row["prompt"], row["responses"], row["rewards"], ref
     if fmt == "ultrafeedback":
-        return row["prompt"], [row[f"A{i}"] for i in range(k_cols)], [row[f"score_A{i}"] for i in range(k_cols)]
-    return row["prompt"], [row["chosen"], row["rejected"]], [1.0, 0.0]
+        return (row["prompt"], [row[f"A{i}"] for i in range(k_cols)], [row[f"score_A{i}"] for i in range(k_cols)],
+                ref)
+    if ref is None and "ref_chosen_logps" in row:
+        ref = [row["ref_chosen_logps"], row.get("ref_rejected_logps")]
+    return row["prompt"], [row["chosen"], row["rejected"]], [1.0, 0.0], ref
 
 
-def _check_row(idx: int, prompt, responses, rewards, k: int | None) -> None:
+def _k_mismatch(idx: int, n: int, k: int, given: bool) -> ValueError:
+    source = "the K setting" if given else "row 0"
+    return ValueError(f"row {idx}: has K={n} responses, expected K={k} as {source} has")
+
+
+def _check_row(idx: int, prompt, responses, rewards, ref_logps, k: int, k_given: bool) -> None:
     if prompt is None or (isinstance(prompt, (str, list)) and len(prompt) == 0):
         raise ValueError(f"row {idx}: missing prompt")
     if responses is None or rewards is None:
         raise ValueError(f"row {idx}: missing {'responses' if responses is None else 'rewards'}")
+    if not isinstance(responses, (list, tuple)) or not isinstance(rewards, (list, tuple)):
+        raise ValueError(f"row {idx}: responses and rewards must be lists, got {type(responses).__name__} and "
+                         f"{type(rewards).__name__}")
     if any(r is None for r in responses):
         raise ValueError(f"row {idx}: missing response {[i for i, r in enumerate(responses) if r is None]}")
     if len(responses) != len(rewards):
         raise ValueError(f"row {idx}: {len(responses)} responses but {len(rewards)} rewards")
     if len(responses) < 2:
         raise ValueError(f"row {idx}: needs at least 2 responses, got {len(responses)}")
-    if k is not None and len(responses) != k:
-        raise ValueError(f"row {idx}: has K={len(responses)} responses, the rest of the dataset has K={k}")
-    for i, r in enumerate(rewards):
-        if r is None or isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
-            raise ValueError(f"row {idx}: reward {i} is {r!r}, expected a finite number")
+    if len(responses) != k:
+        raise _k_mismatch(idx, len(responses), k, k_given)
+    for name, values in (("reward", rewards), ("ref_logps", ref_logps)):
+        if values is None:
+            continue
+        if len(values) != len(responses):
+            raise ValueError(f"row {idx}: {len(responses)} responses but {len(values)} {name} values")
+        for i, r in enumerate(values):
+            if r is None or isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+                raise ValueError(f"row {idx}: {name} {i} is {r!r}, expected a finite number (a NaN reads as None "
+                                 "from parquet)")
 
 
 def normalize(dataset: Dataset, k: int | None = None) -> tuple[Dataset, str]:
-    """Validate every row and map any layout to ``prompt``, ``responses``, ``rewards``.
+    """Validate every row and map any layout to ``prompt``, ``responses``, ``rewards`` (and
+    ``ref_logps`` when the rows carry reference log-probs).
 
     ``k``: the expected responses per prompt (None: taken from row 0). Returns the dataset and
     its detected format.
@@ -109,13 +130,18 @@ def normalize(dataset: Dataset, k: int | None = None) -> tuple[Dataset, str]:
     k_cols = _ultrafeedback_k(dataset.column_names) if fmt == "ultrafeedback" else 0
     if len(dataset) == 0:
         raise ValueError("the dataset has no rows")
+    k_given = k is not None
     if k is None:
         k = len(_row_fields(dataset[0], fmt, k_cols)[1] or [])
+    has_ref = _row_fields(dataset[0], fmt, k_cols)[3] is not None
 
     def convert(row, idx):
-        prompt, responses, rewards = _row_fields(row, fmt, k_cols)
-        _check_row(idx, prompt, responses, rewards, k)
-        return {"prompt": prompt, "responses": responses, "rewards": [float(r) for r in rewards]}
+        prompt, responses, rewards, ref = _row_fields(row, fmt, k_cols)
+        if has_ref and ref is None:
+            raise ValueError(f"row {idx}: missing ref_logps, which row 0 has")
+        _check_row(idx, prompt, responses, rewards, ref, k, k_given)
+        out = {"prompt": prompt, "responses": responses, "rewards": [float(r) for r in rewards]}
+        return out if ref is None else {**out, "ref_logps": [float(r) for r in ref]}
 
     out = dataset.map(convert, with_indices=True, remove_columns=dataset.column_names, desc="Checking rows")
     return out, fmt
@@ -147,24 +173,37 @@ def _render(idx: int, prompt, response, tokenizer) -> tuple[str, str, bool]:
     return p_text, full[len(p_text):], True
 
 
+def _leading_special_tokens(tokenizer) -> list[int]:
+    """The ids a tokenizer puts before a text with ``add_special_tokens=True`` (BOS, usually)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start: start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
 def tokenize(dataset: Dataset, tokenizer, max_length: int, max_prompt_length: int) -> Dataset:
     """Token ids per row: ``prompt_ids``, ``response_ids`` (K lists), ``rewards``; see the module doc."""
     eos = tokenizer.eos_token_id
+    lead = _leading_special_tokens(tokenizer)
 
     def encode(row, idx):
         prompt_ids, responses = None, []
         for response in row["responses"]:
             p_text, r_text, templated = _render(idx, row["prompt"], response, tokenizer)
-            if prompt_ids is None:
-                prompt_ids = tokenizer(p_text, add_special_tokens=not templated)["input_ids"]
+            if prompt_ids is None:  # the tokenizer's leading tokens (BOS) only: never an EOS after the prompt
+                prompt_ids = (lead if not templated else []) + tokenizer(p_text, add_special_tokens=False)["input_ids"]
             ids = tokenizer(r_text, add_special_tokens=False)["input_ids"]
             if not templated and eos is not None and (not ids or ids[-1] != eos):
                 ids = ids + [eos]
             responses.append(ids)
         if len(prompt_ids) + max(map(len, responses)) > max_length:
-            prompt_ids = prompt_ids[-max_prompt_length:]
+            head = len(lead) if prompt_ids[: len(lead)] == lead else 0  # kept when the prompt is cut
+            prompt_ids = prompt_ids[:head] + prompt_ids[head:][-(max_prompt_length - head):]
             responses = [r[: max_length - len(prompt_ids)] for r in responses]
-        return {"prompt_ids": prompt_ids, "response_ids": responses, "rewards": row["rewards"]}
+        out = {"prompt_ids": prompt_ids, "response_ids": responses, "rewards": row["rewards"]}
+        return {**out, "ref_logps": row["ref_logps"]} if "ref_logps" in row else out
 
     return dataset.map(encode, with_indices=True, remove_columns=dataset.column_names, desc="Tokenizing")
 
@@ -176,11 +215,15 @@ def prepare_dataset(dataset: Dataset, tokenizer, max_length: int, max_prompt_len
     Returns the dataset (``prompt_ids``, ``response_ids``, ``rewards`` and ``ref_logps`` when
     present) and its format (``"tokenized"`` for an already tokenised one).
     """
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"expected a datasets.Dataset, got {type(dataset).__name__} (pick a split of a DatasetDict; "
+                        "an IterableDataset has no length for the reference pass)")
     if set(TOKENIZED_COLUMNS) <= set(dataset.column_names):
-        k = k if k is not None else len(dataset[0]["response_ids"])
+        k_given = k is not None
+        k = k if k_given else len(dataset[0]["response_ids"])
         for idx, n in enumerate(map(len, dataset["response_ids"])):
             if n != k:
-                raise ValueError(f"row {idx}: has K={n} responses, the rest of the dataset has K={k}")
+                raise _k_mismatch(idx, n, k, k_given)
         return dataset, "tokenized"
     rows, fmt = normalize(dataset, k)
     return tokenize(rows, tokenizer, max_length, max_prompt_length), fmt

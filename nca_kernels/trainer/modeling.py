@@ -89,18 +89,46 @@ def _one_logit_kwargs(model) -> dict:
     raise TypeError(f"{type(_base(model)).__name__}.forward has no logits_to_keep: it would build the full logits")
 
 
+def _decoder(model):
+    """The decoder stack whose output is the last hidden state (``get_decoder()``), or None."""
+    base = _base(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not base else None
+
+
+def _fsdp1(model) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(model, FullyShardedDataParallel)
+
+
 def last_hidden(model, unwrapped, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Last hidden states ``(S, T, H)`` of a batch and the model's own logits at its last position
     ``(S, V)``. Position ``t`` predicts ``batch["labels"][:, t + 1]``: the loss takes the labels
     with ``shift=True``, so the hidden states are never sliced or copied.
 
     ``model`` may be wrapped (DDP, accelerate): it is called as a whole so that gradients are
-    synchronised, asking for the hidden states and the logits of one position only, never the full
-    ``(S, T, V)`` logits. ``unwrapped`` is the bare model, read for its forward signature.
+    synchronised, asking for the logits of one position only, never the full ``(S, T, V)`` logits.
+    The hidden states are the decoder's output, taken by a forward hook on ``unwrapped``'s decoder
+    (the bare model): not asking for every layer's hidden states keeps mixed precision's float32
+    copy of the outputs away from them. A model without a separate decoder returns them instead, and
+    so does FSDP1, whose backward starts from hooks on the root's outputs.
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
-                use_cache=False, **_one_logit_kwargs(unwrapped))
-    return out.hidden_states[-1], out.logits[:, -1]
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                  **_one_logit_kwargs(unwrapped))
+    decoder = _decoder(unwrapped)
+    if decoder is None or _fsdp1(model):
+        out = model(**kwargs, output_hidden_states=True)
+        return out.hidden_states[-1], out.logits[:, -1]
+    captured = []
+    handle = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        out = model(**kwargs)
+    finally:
+        handle.remove()
+    return captured[-1], out.logits[:, -1]
 
 
 @torch.no_grad()

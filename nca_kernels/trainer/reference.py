@@ -24,7 +24,7 @@ def compute_logps(model, dataset, collator, *, batch_size: int, average: bool = 
 
     With an ``accelerator`` the rows are shared between processes and gathered back in order.
     ``disable_adapters`` runs a PEFT model with its adapters off (the base model as reference).
-    ``forward_context`` wraps the model's forward only (the trainer's mixed-precision autocast).
+    ``forward_context`` wraps the forward and the log-probs (the trainer's mixed-precision autocast).
     """
     loader = DataLoader(dataset.select_columns(list(TOKENIZED_COLUMNS)), batch_size=batch_size,
                         collate_fn=collator)
@@ -37,13 +37,13 @@ def compute_logps(model, dataset, collator, *, batch_size: int, average: bool = 
     with model.disable_adapter() if disable_adapters else contextlib.nullcontext():
         for i, batch in enumerate(loader):
             batch = {k: v.to(device) for k, v in batch.items()}
-            with forward_context():
+            with forward_context():  # the head too, in the precision of the training loss
                 hidden, last_logits = last_hidden(model, model, batch)
-            hidden, weight, bias, softcap = head_operands(model, hidden.to(next(model.parameters()).dtype))
-            if i == 0:
-                check_head_output(model, hidden, last_logits, weight, bias, softcap)
-            logps = sequence_logprobs(hidden, weight, batch["labels"], bias=bias, average=average, shift=True,
-                                      softcap=softcap, backend=backend)
+                hidden, weight, bias, softcap = head_operands(model, hidden)
+                if i == 0:
+                    check_head_output(model, hidden, last_logits, weight, bias, softcap)
+                logps = sequence_logprobs(hidden, weight, batch["labels"], bias=bias, average=average, shift=True,
+                                          softcap=softcap, backend=backend)
             logps = logps.float().view(batch["rewards"].shape)
             if accelerator is not None:
                 logps = accelerator.gather_for_metrics(logps)

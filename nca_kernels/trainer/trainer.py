@@ -42,36 +42,67 @@ class NCATrainer(Trainer):
             pad_id = processing_class.eos_token_id
         if pad_id is None:
             raise ValueError("the tokenizer has neither a pad_token_id nor an eos_token_id to pad with")
-        self.alpha = args.alpha
-        datasets = {}
-        for name, data in (("train", train_dataset), ("eval", eval_dataset)):
-            if data is not None:
-                datasets[name], fmt = prepare_dataset(data, processing_class, args.max_length, args.max_prompt_length,
-                                                      args.K)
-                if fmt == "pairwise":
-                    self.alpha = 0.0
-                k = len(datasets[name][0]["response_ids"])
-                if args.loss_type in ("dpo", "nca_pair") and k != 2:
-                    raise ValueError(f"loss_type={args.loss_type!r} needs K=2 responses per prompt, the {name} "
-                                     f"dataset has K={k}")
         collator = kwargs.pop("data_collator", None) or NCACollator(pad_id)
-        super().__init__(model=model, args=args, data_collator=collator, train_dataset=datasets.get("train"),
-                         eval_dataset=datasets.get("eval"), processing_class=processing_class, **kwargs)
+        super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         # compute_loss returns a per-batch mean: Trainer divides it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._head_checked = False
         if ref_model is not None:
             ref_model = ref_model.to(self.args.device)
-        reference = ref_model if ref_model is not None else self.model
-        ref_kwargs = {"batch_size": args.per_device_eval_batch_size, "average": args.average,
-                      "backend": args.backend, "accelerator": self.accelerator,
-                      "disable_adapters": ref_model is None and _is_peft(reference),
-                      "forward_context": self.accelerator.autocast}
-        if self.train_dataset is not None and "ref_logps" not in self.train_dataset.column_names:
-            self.train_dataset = add_reference_logps(self.train_dataset, reference, collator, **ref_kwargs)
-        if self.eval_dataset is not None and "ref_logps" not in self.eval_dataset.column_names:
-            self.eval_dataset = add_reference_logps(self.eval_dataset, reference, collator, **ref_kwargs)
+        self._reference = ref_model if ref_model is not None else self.model
+        self._prepared = {}  # id(given dataset) -> (given, prepared, alpha)
+        self.train_dataset = self._prepare(train_dataset, "train")
+        if isinstance(eval_dataset, dict):
+            self.eval_dataset = {name: self._prepare(data, f"eval {name!r}") for name, data in eval_dataset.items()}
+        else:
+            self.eval_dataset = self._prepare(eval_dataset, "eval")
+        self.alpha = self._alpha(self.train_dataset)  # pairwise data means alpha=0, per dataset
+        self._eval_alpha = args.alpha
+
+    def _prepare(self, data, name: str, late: bool = False):
+        """``data`` tokenised (any layout of :mod:`.data`) and with its reference log-probs, once per
+        dataset object; None stays None. ``late``: given after the constructor, when the policy may
+        have moved away from the reference it stood in for."""
+        if data is None or id(data) in self._prepared:
+            return None if data is None else self._prepared[id(data)][1]
+        args = self.args
+        prepared, fmt = prepare_dataset(data, self.processing_class, args.max_length, args.max_prompt_length, args.K)
+        if late and "ref_logps" not in prepared.column_names and self._reference is self.model:
+            raise ValueError(f"the {name} dataset has no ref_logps column, and its reference log-probs would come "
+                             "from the policy as it is now, not as it was: pass it to NCATrainer (eval_dataset "
+                             "takes a dict of named sets), add a ref_logps column, or give a ref_model")
+        k = len(prepared[0]["response_ids"])
+        if args.loss_type in ("dpo", "nca_pair") and k != 2:
+            raise ValueError(f"loss_type={args.loss_type!r} needs K=2 responses per prompt, the {name} dataset has "
+                             f"K={k}")
+        if "ref_logps" not in prepared.column_names:
+            reference = self._reference
+            prepared = add_reference_logps(
+                prepared, reference, self.data_collator, batch_size=args.per_device_eval_batch_size,
+                average=args.average, backend=args.backend, accelerator=self.accelerator,
+                disable_adapters=reference is self.model and _is_peft(reference),
+                forward_context=self.accelerator.autocast)
+        alpha = 0.0 if fmt == "pairwise" else args.alpha
+        self._prepared[id(data)] = self._prepared[id(prepared)] = (data, prepared, alpha)
+        return prepared
+
+    def _alpha(self, prepared) -> float:
+        return self.args.alpha if prepared is None else self._prepared[id(prepared)][2]
+
+    def _evaluated(self, data):
+        """A dataset about to be evaluated or predicted on, prepared; its alpha is the loss's."""
+        data = self._prepare(data, "evaluation", late=True)
+        self._eval_alpha = self._alpha(data)
+        return data
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        data = self.eval_dataset if eval_dataset is None else eval_dataset
+        return super().get_eval_dataloader(self._evaluated(self.eval_dataset[data] if isinstance(data, str) else data))
+
+    def get_test_dataloader(self, test_dataset):
+        return super().get_test_dataloader(self._evaluated(test_dataset))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Backbone to last hidden states, then the fused loss on the LM-head weight (labels shifted)."""
@@ -81,11 +112,13 @@ class NCATrainer(Trainer):
         if not self._head_checked:  # once: the model's own logits agree with the head the loss reads
             check_head_output(unwrapped, hidden, last_logits, weight, bias, softcap)
             self._head_checked = True
-        loss, metrics = fused_nca_loss(
-            hidden, weight, inputs["labels"], inputs["rewards"], inputs["ref_logps"], beta=self.args.beta,
-            alpha=self.alpha, loss_type=self.args.loss_type, bias=bias, average=self.args.average, shift=True,
-            softcap=softcap, recompute=self.args.recompute, backend=self.args.backend, return_metrics=True,
-        )
+        with self.accelerator.autocast():  # mixed precision: the head in its dtype, as the model's own would be
+            loss, metrics = fused_nca_loss(
+                hidden, weight, inputs["labels"], inputs["rewards"], inputs["ref_logps"], beta=self.args.beta,
+                alpha=self.alpha if model.training else self._eval_alpha, loss_type=self.args.loss_type, bias=bias,
+                average=self.args.average, shift=True, softcap=softcap, recompute=self.args.recompute,
+                backend=self.args.backend, return_metrics=True,
+            )
         self._record(metrics, inputs["rewards"], "train" if model.training else "eval")
         return (loss, metrics) if return_outputs else loss
 
@@ -110,11 +143,20 @@ class NCATrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """Adds the means of the metrics recorded over the loop (``{prefix}_rewards/accuracy``, ...)."""
+        self._metrics["eval"].clear()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        for name, values in self._metrics["eval"].items():
+            output.metrics[f"{metric_key_prefix}_{name}"] = sum(values) / len(values)
+        self._metrics["eval"].clear()
+        return output
+
     def log(self, logs: dict, *args, **kwargs) -> None:
-        """Adds the means of the metrics recorded since the last log."""
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._metrics[mode].items():
-            logs[prefix + name] = sum(values) / len(values)
-        self._metrics[mode].clear()
+        """Adds the means of the training metrics recorded since the last training log."""
+        if "loss" in logs:
+            for name, values in self._metrics["train"].items():
+                logs[name] = sum(values) / len(values)
+            self._metrics["train"].clear()
         super().log(logs, *args, **kwargs)

@@ -24,8 +24,9 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% e
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
-def char_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
-    """One token per printable character, ``<bos>`` in front; optionally a chat template."""
+def char_tokenizer(chat: bool = False, eos_after: bool = False) -> PreTrainedTokenizerFast:
+    """One token per printable character, ``<bos>`` in front (and ``<eos>`` behind with eos_after,
+    as Llama tokenizers saved with ``add_eos_token``); optionally a chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     chars = [c for c in string.printable if not c.isspace() or c == " "]
@@ -33,7 +34,8 @@ def char_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A" + (" <eos>" if eos_after else ""),
+                                                       special_tokens=[("<bos>", 1), ("<eos>", 2)])
     out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                                   unk_token="<unk>")
     if chat:

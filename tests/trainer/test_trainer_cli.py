@@ -39,11 +39,26 @@ def cli_args(model, data, out, batch):
             "--disable_tqdm", "true", "--max_length", "64", "--max_prompt_length", "32"]
 
 
-def test_cli_requires_model_and_dataset(tmp_path):
-    with pytest.raises(SystemExit):
-        main(["--output_dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="is not a local model directory"):
-        main(["--model_name_or_path", str(tmp_path / "missing"), "--dataset", "x.jsonl", "--output_dir", str(tmp_path)])
+@pytest.mark.parametrize("args,message", [
+    ([], "--model_name_or_path and --dataset are required"),
+    (["--compare"], "--compare needs --demo"),
+    (["--model_name_or_path", "missing", "--dataset", "x.jsonl"], "'missing' is not a local model directory"),
+    (["--loss_type", "ipo"], "loss_type must be one of"),
+])
+def test_cli_usage_errors(tmp_path, capsys, args, message):
+    """Bad settings end as a usage error (exit status 2) that says what is wrong, not a traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--output_dir", str(tmp_path), *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_loads_the_weights_in_the_dtype_asked_for(model_and_data, tmp_path):
+    model, data = model_and_data
+    args = cli_args(model, data, str(tmp_path / "bf16"), 4)
+    args[args.index("--max_steps") + 1] = "1"
+    main([*args, "--dtype", "bfloat16"])
+    weights = load_file(os.path.join(tmp_path / "bf16", "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
 
 
 LAUNCHERS = {

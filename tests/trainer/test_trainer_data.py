@@ -41,7 +41,7 @@ def test_three_layouts_normalise_to_one():
     ({"prompt": None}, "row 1: missing prompt"),
     ({"responses": None}, "row 1: missing responses"),
     ({"rewards": None}, "row 1: missing rewards"),
-    ({"responses": ["a", "b"], "rewards": [0.0, 1.0]}, "row 1: has K=2 responses, the rest of the dataset has K=3"),
+    ({"responses": ["a", "b"], "rewards": [0.0, 1.0]}, "row 1: has K=2 responses, expected K=3 as row 0 has"),
     ({"rewards": [0.0, math.nan, 1.0]}, "row 1: reward 1 is nan"),
     ({"rewards": [0.0, math.inf, 1.0]}, "row 1: reward 1 is inf"),
     ({"rewards": [0.0, 1.0]}, "row 1: 3 responses but 2 rewards"),
@@ -60,7 +60,7 @@ def test_bad_row_in_a_file(tmp_path):
 
 
 def test_config_k_is_checked():
-    with pytest.raises(ValueError, match="row 0: has K=3 responses, the rest of the dataset has K=4"):
+    with pytest.raises(ValueError, match="row 0: has K=3 responses, expected K=4 as the K setting has"):
         normalize(Dataset.from_list(ROWS), k=4)
 
 
@@ -87,10 +87,41 @@ def test_tokenize_appends_eos_and_truncates_prompt_first():
     short = tokenize(rows, tok, max_length=64, max_prompt_length=8)[0]
     assert short["prompt_ids"] == [tok.bos_token_id] + ids_of(tok, "abcdefghij")
     assert short["response_ids"] == [ids_of(tok, "xy") + [tok.eos_token_id], ids_of(tok, "z" * 12) + [tok.eos_token_id]]
-    # 11 + 13 tokens > 16: the prompt keeps its last 6 tokens, then responses are cut to 16 - 6 = 10.
+    # 11 + 13 tokens > 16: the prompt keeps BOS and its last 5 tokens, then responses are cut to 16 - 6 = 10.
     cut = tokenize(rows, tok, max_length=16, max_prompt_length=6)[0]
-    assert cut["prompt_ids"] == ids_of(tok, "efghij")
+    assert cut["prompt_ids"] == [tok.bos_token_id] + ids_of(tok, "fghij")
     assert cut["response_ids"] == [ids_of(tok, "xy") + [tok.eos_token_id], ids_of(tok, "z" * 10)]
+
+
+def test_prompt_takes_the_leading_special_tokens_only():
+    """A tokenizer that also appends EOS (Llama's ``add_eos_token``) puts none between prompt and response."""
+    tok = char_tokenizer(eos_after=True)
+    assert tok("ab")["input_ids"][-1] == tok.eos_token_id
+    rows, _ = normalize(Dataset.from_list([{"prompt": "ab", "responses": ["x", "y"], "rewards": [0.0, 1.0]}]))
+    out = tokenize(rows, tok, max_length=64, max_prompt_length=8)[0]
+    assert out["prompt_ids"] == [tok.bos_token_id] + ids_of(tok, "ab")
+    assert out["response_ids"] == [ids_of(tok, "x") + [tok.eos_token_id], ids_of(tok, "y") + [tok.eos_token_id]]
+
+
+def test_reference_logps_in_the_data_are_kept():
+    """A ``ref_logps`` column (or TRL's ``ref_chosen_logps`` / ``ref_rejected_logps``) survives
+    normalisation and tokenisation; bad values are named."""
+    rows = [{**r, "ref_logps": [-1.0 - i, -2.0, -3.0]} for i, r in enumerate(ROWS)]
+    data, _ = prepare_dataset(Dataset.from_list(rows), char_tokenizer(), 64, 32)
+    assert data["ref_logps"] == [r["ref_logps"] for r in rows]
+    pairs = [{"prompt": "p", "chosen": "a", "rejected": "b", "ref_chosen_logps": -1.5, "ref_rejected_logps": -2.5}]
+    data, fmt = prepare_dataset(Dataset.from_list(pairs), char_tokenizer(), 64, 32)
+    assert fmt == "pairwise" and data["ref_logps"] == [[-1.5, -2.5]]
+    rows[1]["ref_logps"] = [-1.0, math.nan, -3.0]
+    with pytest.raises(ValueError, match="row 1: ref_logps 1 is nan"):
+        normalize(Dataset.from_list(rows))
+
+
+def test_unsupported_datasets_refused():
+    with pytest.raises(ValueError, match="row 0: responses and rewards must be lists, got str"):
+        normalize(Dataset.from_list([{"prompt": "p", "responses": "ab", "rewards": [1.0, 0.0]}]))
+    with pytest.raises(TypeError, match="expected a datasets.Dataset, got IterableDataset"):
+        prepare_dataset(Dataset.from_list(ROWS).to_iterable_dataset(), char_tokenizer(), 64, 32)
 
 
 def test_chat_messages_use_the_template():

@@ -23,13 +23,16 @@ from .common import (  # noqa: F401
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_trainer(tmp_path, model, rows, ref_model=None, **kwargs):
+def _settings(tmp_path, **kwargs):
     settings = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 2,
                 "per_device_eval_batch_size": 3, "learning_rate": 1e-3, "report_to": [], "save_strategy": "no",
                 "disable_tqdm": True, "use_cpu": True, "beta": 0.5, "alpha": 0.3, "max_length": 64,
                 "max_prompt_length": 32}
-    settings.update(kwargs)
-    return NCATrainer(model, NCAConfig(**settings), train_dataset=Dataset.from_list(rows),
+    return {**settings, **kwargs}
+
+
+def make_trainer(tmp_path, model, rows, ref_model=None, **kwargs):
+    return NCATrainer(model, NCAConfig(**_settings(tmp_path, **kwargs)), train_dataset=Dataset.from_list(rows),
                       processing_class=char_tokenizer(), ref_model=ref_model)
 
 
@@ -85,15 +88,97 @@ def test_reference_logps_come_from_the_initial_policy(tmp_path):
     torch.testing.assert_close(torch.tensor(trainer.train_dataset["ref_logps"]), want, rtol=1e-5, atol=1e-5)
 
 
+PAIRS = [{"prompt": f"q{i}", "chosen": "a" * (i + 1), "rejected": "b"} for i in range(4)]
+
+
 def test_pairwise_data_means_alpha_zero(tmp_path):
     tok = char_tokenizer()
-    rows = [{"prompt": f"q{i}", "chosen": "a" * (i + 1), "rejected": "b"} for i in range(4)]
     for loss_type, start in (("dpo", 1.0), ("nca_pair", 2.0)):
-        trainer = make_trainer(tmp_path, tiny_llama(len(tok)), rows, loss_type=loss_type, alpha=0.5)
+        trainer = make_trainer(tmp_path, tiny_llama(len(tok)), PAIRS, loss_type=loss_type, alpha=0.5)
         assert trainer.alpha == 0.0
         # At the start policy == reference, every model reward is 0: DPO gives log 2, nca_pair 2 log 2.
         loss = trainer.compute_loss(trainer.model, batch_of(trainer))
         torch.testing.assert_close(loss.item(), start * torch.log(torch.tensor(2.0)).item(), rtol=1e-5, atol=1e-6)
+
+
+def _moved(model):
+    with torch.no_grad():  # the policy away from the reference, so that alpha matters
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+
+
+def _naive_loss(trainer, data, alpha):
+    batch = trainer.data_collator([data[i] for i in range(len(data))])
+    with torch.no_grad():
+        logps = naive_logps(trainer.model, batch).view(batch["rewards"].shape)
+    return reference.nca_loss(logps, batch["ref_logps"], batch["rewards"], beta=0.5, alpha=alpha).item()
+
+
+def test_each_dataset_keeps_its_own_alpha(tmp_path):
+    """Pairwise evaluation data is scored with alpha=0; the reward-layout training data keeps the
+    configured alpha (a pairwise eval set used to switch the training loss to alpha=0 too)."""
+    tok = char_tokenizer()
+    trainer = NCATrainer(tiny_llama(len(tok)), NCAConfig(**_settings(tmp_path)),
+                         train_dataset=Dataset.from_list(reward_rows(4, k=2)), eval_dataset=Dataset.from_list(PAIRS),
+                         processing_class=tok)
+    assert trainer.alpha == 0.3
+    _moved(trainer.model)
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(_naive_loss(trainer, trainer.eval_dataset, 0.0), rel=1e-5)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch_of(trainer))
+    assert loss.item() == pytest.approx(_naive_loss(trainer, trainer.train_dataset, 0.3), rel=1e-5)
+
+
+def test_named_and_raw_evaluation_sets(tmp_path):
+    """A dict of eval sets is evaluated set by set; a raw dataset given to evaluate() or predict() is
+    prepared like the others when it carries its reference log-probs, else refused; predict's
+    metrics stay out of the next evaluate()."""
+    tok = char_tokenizer()
+    trainer = NCATrainer(tiny_llama(len(tok)), NCAConfig(**_settings(tmp_path)),
+                         train_dataset=Dataset.from_list(reward_rows(4)),
+                         eval_dataset={"a": Dataset.from_list(reward_rows(3, seed=1)),
+                                       "b": Dataset.from_list(reward_rows(5, seed=2))},
+                         processing_class=tok)
+    _moved(trainer.model)
+    first = trainer.evaluate()
+    assert {"eval_a_loss", "eval_b_loss", "eval_a_rewards/accuracy", "eval_b_logps/chosen"} <= set(first)
+    assert first["eval_a_loss"] == pytest.approx(_naive_loss(trainer, trainer.eval_dataset["a"], 0.3), rel=1e-5)
+    refs = trainer.eval_dataset["a"]["ref_logps"]
+    with_ref = [{**r, "ref_logps": ref} for r, ref in zip(reward_rows(3, seed=1), refs)]
+    predicted = trainer.predict(Dataset.from_list(with_ref))
+    assert predicted.metrics["test_loss"] == pytest.approx(first["eval_a_loss"], rel=1e-6)
+    assert "test_rewards/margin" in predicted.metrics
+    again = trainer.evaluate()
+    assert again["eval_a_logps/policy"] == pytest.approx(first["eval_a_logps/policy"], rel=1e-6)
+    with pytest.raises(ValueError, match="has no ref_logps column"):  # the initial policy is gone
+        trainer.evaluate(Dataset.from_list(reward_rows(3, seed=1)))
+
+
+def test_reference_logps_in_the_data_are_used(tmp_path):
+    tok = char_tokenizer()
+    rows = [{**r, "ref_logps": [-1.0 - i, -2.0, -3.0, -4.0]} for i, r in enumerate(reward_rows(3))]
+    trainer = make_trainer(tmp_path, tiny_llama(len(tok)), rows)
+    assert trainer.train_dataset["ref_logps"] == [r["ref_logps"] for r in rows]
+
+
+def test_mixed_precision_runs_the_head_in_its_dtype(tmp_path, monkeypatch):
+    """Under bf16 autocast the fused loss receives the decoder's own hidden states (no float32 copy of
+    every layer's) and computes the head in bf16, as the model's own head would."""
+    tok = char_tokenizer()
+    trainer = make_trainer(tmp_path, tiny_llama(len(tok)), reward_rows(4), bf16=True)
+    seen = []
+    apply = ops.LinearLogprobs.apply
+    monkeypatch.setattr(ops.LinearLogprobs, "apply", lambda *a: seen.append(a[0].dtype) or apply(*a))
+    _moved(trainer.model)
+    batch = batch_of(trainer)
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert seen == [torch.bfloat16]
+    with trainer.accelerator.autocast():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps = reference.sequence_logprobs_from_logits(logits[:, :-1].float(), batch["labels"][:, 1:]).view(4, 4)
+    want = reference.nca_loss(logps, batch["ref_logps"], batch["rewards"], beta=0.5, alpha=0.3)
+    torch.testing.assert_close(loss, want.float(), rtol=2e-2, atol=2e-3)
 
 
 def test_pairwise_losses_need_two_responses(tmp_path):

@@ -1,9 +1,12 @@
-"""Triton backend: fused LM-head kernels that never write logits, and one-pass from-logits kernels.
+"""Triton backend: one-pass from-logits kernels, and fused LM-head kernels that never write logits.
 
-The four passes of the backend protocol (see :mod:`nca_kernels.backends`). Runs on CUDA, and on
-CPU only under ``TRITON_INTERPRET=1`` (set before this module is imported). Inputs in bf16, fp16
-or fp32 accumulate in float32; float64 inputs, which the GPU tensor cores do not serve, go to
-the chunked PyTorch backend. Under the interpreter (triton 3.7) float32 -> bf16 casts round toward
+The four passes of the backend protocol (see :mod:`nca_kernels.backends`). The linear passes run,
+by default, as cuBLAS (tokens x vocab) tiles reduced by the from-logits kernels (``rowchunk``,
+faster on the H100 than the fused kernels); the fused kernels run them with
+``config.backward="fused"``, ``filter_eps`` or ``deterministic`` (see :mod:`nca_kernels.config`).
+Runs on CUDA, and on CPU only under ``TRITON_INTERPRET=1`` (set before this module is imported).
+Inputs in bf16, fp16 or fp32 accumulate in float32; float64 inputs, which the GPU tensor cores do
+not serve, go to the chunked PyTorch backend. Under the interpreter (triton 3.7) float32 -> bf16 casts round toward
 zero where GPUs round to nearest even, so 16-bit results there carry up to twice the rounding.
 """
 

@@ -197,6 +197,8 @@ def tokenize(dataset: Dataset, tokenizer, max_length: int, max_prompt_length: in
             ids = tokenizer(r_text, add_special_tokens=False)["input_ids"]
             if not templated and eos is not None and (not ids or ids[-1] != eos):
                 ids = ids + [eos]
+            if not ids:  # its log-prob would be 0: probability one, whatever the model
+                raise ValueError(f"row {idx}: response {len(responses)} has no tokens (empty, and no EOS to end it)")
             responses.append(ids)
         if len(prompt_ids) + max(map(len, responses)) > max_length:
             head = len(lead) if prompt_ids[: len(lead)] == lead else 0  # kept when the prompt is cut

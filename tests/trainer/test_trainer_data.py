@@ -120,6 +120,11 @@ def test_reference_logps_in_the_data_are_kept():
 def test_unsupported_datasets_refused():
     with pytest.raises(ValueError, match="row 0: responses and rewards must be lists, got str"):
         normalize(Dataset.from_list([{"prompt": "p", "responses": "ab", "rewards": [1.0, 0.0]}]))
+    no_eos = char_tokenizer()
+    no_eos.eos_token = None
+    with pytest.raises(ValueError, match="row 0: response 1 has no tokens"):
+        prepare_dataset(Dataset.from_list([{"prompt": "p", "responses": ["a", ""], "rewards": [1.0, 0.0]}]), no_eos,
+                        64, 32)
     with pytest.raises(TypeError, match="expected a datasets.Dataset, got IterableDataset"):
         prepare_dataset(Dataset.from_list(ROWS).to_iterable_dataset(), char_tokenizer(), 64, 32)
 

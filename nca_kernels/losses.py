@@ -95,9 +95,10 @@ def loss_sum_and_grad(
 
 @torch.no_grad()
 def preference_metrics(
-    policy_logps: torch.Tensor, model_rewards: torch.Tensor, rewards: torch.Tensor
+    policy_logps: torch.Tensor, model_rewards: torch.Tensor, rewards: torch.Tensor, per_prompt: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Detached metrics as the official code logs them, from ``(B, K)`` tensors.
+    """Detached metrics as the official code logs them, from ``(B, K)`` tensors; ``accuracy`` and
+    ``margin`` are means over prompts, or ``(B,)`` per prompt with ``per_prompt``.
 
     ``accuracy``: fraction of prompts whose top-reward response has a model reward above every other
     response's (strictly: ties, as at the start of training, count as wrong).
@@ -109,10 +110,11 @@ def preference_metrics(
     k = model_rewards.shape[-1]
     others = (model_rewards.sum(-1) - chosen_reward) / (k - 1)
     best_other = model_rewards.scatter(-1, top, float("-inf")).amax(dim=-1)
+    accuracy, margin = (chosen_reward > best_other).float(), chosen_reward - others
     return {
         "policy_logps": policy_logps.detach(),
         "model_rewards": model_rewards.detach(),
-        "accuracy": (chosen_reward > best_other).float().mean(),
-        "margin": (chosen_reward - others).mean(),
+        "accuracy": accuracy if per_prompt else accuracy.mean(),
+        "margin": margin if per_prompt else margin.mean(),
         "chosen_logps": policy_logps.detach().gather(-1, top).squeeze(-1),
     }

@@ -39,8 +39,9 @@ class ScriptArguments:
     compare: bool = field(default=False, metadata={"help": "With --demo: also run InfoNCA from the same start."})
 
 
-def train(script: ScriptArguments, config):
-    """Load the model, tokenizer and data, train with NCATrainer, save to ``config.output_dir``."""
+def build_trainer(script: ScriptArguments, config):
+    """NCATrainer for a local model directory and reward dataset (the data is loaded first, so a bad
+    path fails before the model loads)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .trainer import NCATrainer, attn_implementation, load_reward_dataset
@@ -48,37 +49,36 @@ def train(script: ScriptArguments, config):
     path = script.model_name_or_path
     if not os.path.isdir(path):
         raise ValueError(f"--model_name_or_path {path!r} is not a local model directory")
+    train_data = load_reward_dataset(script.dataset)
+    eval_data = load_reward_dataset(script.eval_dataset) if script.eval_dataset else None
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation=attn_implementation(),
                                                  dtype=script.dtype)
-    eval_data = load_reward_dataset(script.eval_dataset) if script.eval_dataset else None
-    trainer = NCATrainer(model, config, train_dataset=load_reward_dataset(script.dataset), eval_dataset=eval_data,
-                         processing_class=tokenizer)
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model()
-    return trainer
+    return NCATrainer(model, config, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point (``nca-train``)."""
+    """Console entry point (``nca-train``): trains, then saves to ``--output_dir``."""
     from transformers import HfArgumentParser
 
     from .trainer import NCAConfig
     from .trainer.demo import DemoArguments, run_demo
 
     parser = HfArgumentParser((ScriptArguments, DemoArguments, NCAConfig))
-    try:  # bad settings and data end as a usage error, not a traceback
+    try:  # bad settings and data end as a usage error; errors while training keep their traceback
         script, demo_args, config = parser.parse_args_into_dataclasses(args=argv if argv is not None else sys.argv[1:])
-        if script.demo:
-            run_demo(config, demo_args, compare=script.compare)
-        elif script.compare:
+        if script.compare and not script.demo:
             parser.error("--compare needs --demo")
-        elif script.model_name_or_path is None or script.dataset is None:
+        if not script.demo and (script.model_name_or_path is None or script.dataset is None):
             parser.error("--model_name_or_path and --dataset are required (or --demo)")
-        else:
-            train(script, config)
+        trainer = None if script.demo else build_trainer(script, config)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
+    if trainer is None:
+        run_demo(config, demo_args, compare=script.compare)
+    else:
+        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+        trainer.save_model()
 
 
 if __name__ == "__main__":

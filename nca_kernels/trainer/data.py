@@ -133,12 +133,12 @@ def normalize(dataset: Dataset, k: int | None = None) -> tuple[Dataset, str]:
     k_given = k is not None
     if k is None:
         k = len(_row_fields(dataset[0], fmt, k_cols)[1] or [])
-    has_ref = _row_fields(dataset[0], fmt, k_cols)[3] is not None
+    has_ref = "ref_logps" in dataset.column_names or (fmt == "pairwise" and "ref_chosen_logps" in dataset.column_names)
 
     def convert(row, idx):
         prompt, responses, rewards, ref = _row_fields(row, fmt, k_cols)
         if has_ref and ref is None:
-            raise ValueError(f"row {idx}: missing ref_logps, which row 0 has")
+            raise ValueError(f"row {idx}: missing ref_logps (the dataset has the column)")
         _check_row(idx, prompt, responses, rewards, ref, k, k_given)
         out = {"prompt": prompt, "responses": responses, "rewards": [float(r) for r in rewards]}
         return out if ref is None else {**out, "ref_logps": [float(r) for r in ref]}
@@ -200,8 +200,8 @@ def tokenize(dataset: Dataset, tokenizer, max_length: int, max_prompt_length: in
             if not ids:  # its log-prob would be 0: probability one, whatever the model
                 raise ValueError(f"row {idx}: response {len(responses)} has no tokens (empty, and no EOS to end it)")
             responses.append(ids)
-        if len(prompt_ids) + max(map(len, responses)) > max_length:
-            head = len(lead) if prompt_ids[: len(lead)] == lead else 0  # kept when the prompt is cut
+        if len(prompt_ids) + max(map(len, responses)) > max_length:  # the leading tokens kept where they fit
+            head = len(lead) if prompt_ids[: len(lead)] == lead and len(lead) < max_prompt_length else 0
             prompt_ids = prompt_ids[:head] + prompt_ids[head:][-(max_prompt_length - head):]
             responses = [r[: max_length - len(prompt_ids)] for r in responses]
         out = {"prompt_ids": prompt_ids, "response_ids": responses, "rewards": row["rewards"]}

@@ -8,6 +8,7 @@ import torch
 from transformers import Trainer
 
 from ..api import fused_nca_loss
+from ..losses import preference_metrics
 from .config import NCAConfig
 from .data import NCACollator, prepare_dataset
 from .modeling import check_head_output, check_lm_head, head_operands, last_hidden
@@ -64,14 +65,15 @@ class NCATrainer(Trainer):
     def _prepare(self, data, name: str, late: bool = False):
         """``data`` tokenised (any layout of :mod:`.data`) and with its reference log-probs, once per
         dataset object; None stays None. ``late``: given after the constructor, when the policy may
-        have moved away from the reference it stood in for."""
+        have moved away from the reference it stood in for (a PEFT model's base does not move)."""
         if data is None or id(data) in self._prepared:
             return None if data is None else self._prepared[id(data)][1]
         args = self.args
         prepared, fmt = prepare_dataset(data, self.processing_class, args.max_length, args.max_prompt_length, args.K)
-        if late and "ref_logps" not in prepared.column_names and self._reference is self.model:
-            raise ValueError(f"the {name} dataset has no ref_logps column, and its reference log-probs would come "
-                             "from the policy as it is now, not as it was: pass it to NCATrainer (eval_dataset "
+        moved = self._reference is self.model and not _is_peft(self.model) and self.state.global_step > 0
+        if late and moved and "ref_logps" not in prepared.column_names:
+            raise ValueError(f"the {name} dataset has no ref_logps column, and after training its reference "
+                             "log-probs would come from the trained policy: pass it to NCATrainer (eval_dataset "
                              "takes a dict of named sets), add a ref_logps column, or give a ref_model")
         k = len(prepared[0]["response_ids"])
         if args.loss_type in ("dpo", "nca_pair") and k != 2:
@@ -98,8 +100,10 @@ class NCATrainer(Trainer):
         return data
 
     def get_eval_dataloader(self, eval_dataset=None):
-        data = self.eval_dataset if eval_dataset is None else eval_dataset
-        return super().get_eval_dataloader(self._evaluated(self.eval_dataset[data] if isinstance(data, str) else data))
+        if isinstance(eval_dataset, str):  # a named set, prepared in the constructor; its name keys its loader
+            self._evaluated(self.eval_dataset[eval_dataset])
+            return super().get_eval_dataloader(eval_dataset)
+        return super().get_eval_dataloader(self._evaluated(self.eval_dataset if eval_dataset is None else eval_dataset))
 
     def get_test_dataloader(self, test_dataset):
         return super().get_test_dataloader(self._evaluated(test_dataset))
@@ -123,18 +127,22 @@ class NCATrainer(Trainer):
         return (loss, metrics) if return_outputs else loss
 
     def _record(self, metrics: dict, rewards: torch.Tensor, mode: str) -> None:
-        order = rewards.argsort(dim=-1, descending=True)
-        ranked = metrics["model_rewards"].gather(-1, order).mean(0)
-        values = {f"rewards/rank{i}": ranked[i] for i in range(ranked.shape[0])}
-        values.update({
-            "rewards/accuracy": metrics["accuracy"],
-            "rewards/margin": metrics["margin"],
-            "logps/policy": metrics["policy_logps"].mean(),
-            "logps/chosen": metrics["chosen_logps"].mean(),
-        })
-        stacked = self.accelerator.reduce(torch.stack([v.float() for v in values.values()]), reduction="mean")
-        for name, value in zip(values, stacked.tolist()):
-            self._metrics[mode][name].append(value)
+        """Per-prompt metrics of a batch, gathered from every process (in evaluation without the
+        padding rows of an uneven last batch), summed with their count."""
+        per = preference_metrics(metrics["policy_logps"], metrics["model_rewards"], rewards, per_prompt=True)
+        ranked = per["model_rewards"].gather(-1, rewards.argsort(dim=-1, descending=True))
+        values = {f"rewards/rank{i}": ranked[:, i] for i in range(ranked.shape[1])}
+        values.update({"rewards/accuracy": per["accuracy"], "rewards/margin": per["margin"],
+                       "logps/policy": per["policy_logps"].mean(-1), "logps/chosen": per["chosen_logps"]})
+        stacked = torch.stack([v.float() for v in values.values()], dim=1)
+        gather = self.accelerator.gather_for_metrics if mode == "eval" else self.accelerator.gather
+        stacked = gather(stacked)
+        for name, total in zip(values, stacked.sum(0).tolist()):
+            self._metrics[mode][name].append((total, stacked.shape[0]))
+
+    @staticmethod
+    def _means(recorded: dict) -> dict:
+        return {name: sum(t for t, _ in parts) / sum(n for _, n in parts) for name, parts in recorded.items()}
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation computes the loss (and records the metrics) only."""
@@ -148,15 +156,14 @@ class NCATrainer(Trainer):
         """Adds the means of the metrics recorded over the loop (``{prefix}_rewards/accuracy``, ...)."""
         self._metrics["eval"].clear()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        for name, values in self._metrics["eval"].items():
-            output.metrics[f"{metric_key_prefix}_{name}"] = sum(values) / len(values)
+        for name, value in self._means(self._metrics["eval"]).items():
+            output.metrics[f"{metric_key_prefix}_{name}"] = value
         self._metrics["eval"].clear()
         return output
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """Adds the means of the training metrics recorded since the last training log."""
         if "loss" in logs:
-            for name, values in self._metrics["train"].items():
-                logs[name] = sum(values) / len(values)
+            logs.update(self._means(self._metrics["train"]))
             self._metrics["train"].clear()
         super().log(logs, *args, **kwargs)

@@ -93,6 +93,14 @@ def test_tokenize_appends_eos_and_truncates_prompt_first():
     assert cut["response_ids"] == [ids_of(tok, "xy") + [tok.eos_token_id], ids_of(tok, "z" * 10)]
 
 
+def test_a_prompt_cut_below_its_leading_tokens_keeps_its_last_tokens():
+    tok = char_tokenizer()
+    rows, _ = normalize(Dataset.from_list([{"prompt": "abcdefghij", "responses": ["x", "yy"], "rewards": [0.0, 1.0]}]))
+    out = tokenize(rows, tok, max_length=8, max_prompt_length=1)[0]
+    assert out["prompt_ids"] == ids_of(tok, "j")
+    assert out["response_ids"] == [ids_of(tok, "x") + [tok.eos_token_id], ids_of(tok, "yy") + [tok.eos_token_id]]
+
+
 def test_prompt_takes_the_leading_special_tokens_only():
     """A tokenizer that also appends EOS (Llama's ``add_eos_token``) puts none between prompt and response."""
     tok = char_tokenizer(eos_after=True)
@@ -114,6 +122,9 @@ def test_reference_logps_in_the_data_are_kept():
     assert fmt == "pairwise" and data["ref_logps"] == [[-1.5, -2.5]]
     rows[1]["ref_logps"] = [-1.0, math.nan, -3.0]
     with pytest.raises(ValueError, match="row 1: ref_logps 1 is nan"):
+        normalize(Dataset.from_list(rows))
+    rows[0]["ref_logps"] = None  # the column exists: a row without values is refused, not recomputed
+    with pytest.raises(ValueError, match="row 0: missing ref_logps"):
         normalize(Dataset.from_list(rows))
 
 

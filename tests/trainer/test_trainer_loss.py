@@ -132,10 +132,10 @@ def test_each_dataset_keeps_its_own_alpha(tmp_path):
 
 def test_named_and_raw_evaluation_sets(tmp_path):
     """A dict of eval sets is evaluated set by set; a raw dataset given to evaluate() or predict() is
-    prepared like the others when it carries its reference log-probs, else refused; predict's
+    prepared like the others (after training only with its own reference log-probs); predict's
     metrics stay out of the next evaluate()."""
     tok = char_tokenizer()
-    trainer = NCATrainer(tiny_llama(len(tok)), NCAConfig(**_settings(tmp_path)),
+    trainer = NCATrainer(tiny_llama(len(tok)), NCAConfig(**_settings(tmp_path, max_steps=1)),
                          train_dataset=Dataset.from_list(reward_rows(4)),
                          eval_dataset={"a": Dataset.from_list(reward_rows(3, seed=1)),
                                        "b": Dataset.from_list(reward_rows(5, seed=2))},
@@ -151,8 +151,29 @@ def test_named_and_raw_evaluation_sets(tmp_path):
     assert "test_rewards/margin" in predicted.metrics
     again = trainer.evaluate()
     assert again["eval_a_logps/policy"] == pytest.approx(first["eval_a_logps/policy"], rel=1e-6)
-    with pytest.raises(ValueError, match="has no ref_logps column"):  # the initial policy is gone
+    raw = trainer.evaluate(Dataset.from_list(reward_rows(3, seed=1)))  # before training: policy = reference
+    assert raw["eval_rewards/margin"] == 0.0
+    trainer.train()
+    with pytest.raises(ValueError, match="has no ref_logps column"):  # after training the reference is gone
         trainer.evaluate(Dataset.from_list(reward_rows(3, seed=1)))
+
+
+def test_named_sets_with_persistent_workers_and_weighted_metrics(tmp_path):
+    """Each named set keeps its own data loader (and alpha) when loaders persist; metrics are means
+    over prompts, a short last batch weighing by its size (5 prompts in batches of 3 and 2)."""
+    tok = char_tokenizer()
+    trainer = NCATrainer(tiny_llama(len(tok)),
+                         NCAConfig(**_settings(tmp_path, dataloader_num_workers=1, dataloader_persistent_workers=True)),
+                         train_dataset=Dataset.from_list(reward_rows(4)),
+                         eval_dataset={"pairs": Dataset.from_list(PAIRS), "k4": Dataset.from_list(reward_rows(5))},
+                         processing_class=tok)
+    _moved(trainer.model)
+    metrics = trainer.evaluate()
+    assert "eval_pairs_rewards/rank2" not in metrics and "eval_k4_rewards/rank3" in metrics
+    assert metrics["eval_k4_loss"] == pytest.approx(_naive_loss(trainer, trainer.eval_dataset["k4"], 0.3), rel=1e-5)
+    assert metrics["eval_pairs_loss"] == pytest.approx(_naive_loss(trainer, trainer.eval_dataset["pairs"], 0.0),
+                                                       rel=1e-5)
+    assert (metrics["eval_k4_rewards/accuracy"] * 5) == pytest.approx(round(metrics["eval_k4_rewards/accuracy"] * 5))
 
 
 def test_reference_logps_in_the_data_are_used(tmp_path):

@@ -101,8 +101,8 @@ class FusedNCALoss(torch.nn.Module):
                  average: bool = False, shift: bool = False, softcap: float | None = None, recompute: bool = True,
                  backend: str = "auto"):
         super().__init__()
-        validation.check_loss_params(beta, alpha, loss_type)
-        validation.check_softcap(softcap)
+        beta, alpha = validation.check_loss_params(beta, alpha, loss_type)
+        softcap = validation.check_softcap(softcap)
         validation.check_backend(backend)
         self.beta, self.alpha, self.loss_type = beta, alpha, loss_type
         self.ignore_index, self.average, self.shift, self.softcap = ignore_index, average, shift, softcap

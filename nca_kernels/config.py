@@ -164,8 +164,8 @@ def _flag(text: str) -> bool:
 
 
 def _from_environment() -> None:
-    """Apply the ``NCA_KERNELS_*`` variables through the setters above; a bad value raises a
-    ValueError that names the variable."""
+    """Apply the ``NCA_KERNELS_*`` variables through the setters above (surrounding spaces ignored, an
+    empty value taken as unset); a bad value raises a ValueError that names the variable."""
     for name, parse, apply in (
         ("NCA_KERNELS_TILE_BYTES", int, lambda v: set_chunk_bytes(tile=v)),
         ("NCA_KERNELS_GROUP_BYTES", int, lambda v: set_chunk_bytes(group=v)),
@@ -175,9 +175,10 @@ def _from_environment() -> None:
         ("NCA_KERNELS_TRITON_BACKWARD", str, lambda v: set_triton_options(backward=v)),
         ("NCA_KERNELS_WEIGHT_GRAD_ACCUM", str, set_weight_grad_accum),
     ):
-        if name in os.environ:
+        text = os.environ.get(name, "").strip()
+        if text:
             try:
-                apply(parse(os.environ[name]))
+                apply(parse(text))
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"environment variable {name}={os.environ[name]!r}: {exc}") from None
 

@@ -36,12 +36,13 @@ def autocast_inputs(hidden, weight, bias):
 
 
 def _no_autocast(fn):
-    """Run an autograd pass with autocast off: its inputs are already in their compute dtype, and
-    forward and backward must recompute the very same tiles."""
+    """Run an autograd pass with autocast off (on the CPU and its tensors' device): its inputs are
+    already in their compute dtype, and forward and backward must recompute the very same tiles."""
 
     @functools.wraps(fn)
     def run(*args):
-        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast("cpu", enabled=False), torch.autocast(device, enabled=False):
             return fn(*args)
 
     return run
@@ -49,8 +50,8 @@ def _no_autocast(fn):
 
 def _first_order(backward):
     """Refuse ``create_graph=True``: the passes form gradients that autograd cannot differentiate
-    again (a silent zero otherwise, since ``torch.autograd.grad(..., inputs)`` skips the error node of
-    ``once_differentiable``)."""
+    again (the group path's would silently give zero second-order terms; the recompute path's failed
+    with an in-place error)."""
 
     @functools.wraps(backward)
     def run(ctx, *grads):

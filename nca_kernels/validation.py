@@ -81,9 +81,9 @@ def check_hidden_inputs(hidden, weight, labels, bias, ignore_index, shift: bool 
     _float("weight", weight)
     if hidden.dim() != 3 or hidden.shape[2] == 0:
         raise ValueError(f"hidden must be (S, T, H) with H > 0, got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2] or weight.shape[0] == 0:
         raise ValueError(
-            f"weight must be (V, H={hidden.shape[2]}), got shape {tuple(weight.shape)} "
+            f"weight must be (V > 0, H={hidden.shape[2]}), got shape {tuple(weight.shape)} "
             f"for hidden of shape {tuple(hidden.shape)}"
         )
     if weight.dtype != hidden.dtype:
@@ -102,8 +102,8 @@ def check_logits_inputs(logits, labels, ignore_index, shift: bool = False) -> in
     """logits ``(S, T, V)`` floating, labels ``(S, T)``. Returns ignore_index as an int."""
     _tensor("logits", logits)
     _float("logits", logits)
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be (S, T, V), got shape {tuple(logits.shape)}")
+    if logits.dim() != 3 or logits.shape[2] == 0:
+        raise ValueError(f"logits must be (S, T, V) with V > 0, got shape {tuple(logits.shape)}")
     _same_device("logits", logits, labels=_tensor("labels", labels))
     return check_labels(labels, logits.shape[:2], logits.shape[2], ignore_index, "logits[:, :, 0]", shift)
 

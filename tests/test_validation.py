@@ -57,6 +57,7 @@ def _call(batch, **over):
         (lambda b: dict(softcap="30"), TypeError, "softcap must be a float or None"),
         (lambda b: dict(ignore_index=True), TypeError, "ignore_index must be an int"),
         (lambda b: dict(hidden=b.hidden[:, :, :0], weight=b.weight[:, :0]), ValueError, "with H > 0"),
+        (lambda b: dict(weight=b.weight[:0]), ValueError, "weight must be \\(V > 0"),
         (lambda b: dict(hidden=b.hidden[:0], labels=b.labels[:0], rewards=b.rewards[:0], ref_logps=b.ref_logps[:0]),
          ValueError, "at least one prompt"),
     ],
@@ -99,6 +100,19 @@ def test_bad_environment_variable_named(monkeypatch, name, value, match):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=f"environment variable {name}='{value}': .*{match}"):
         config._from_environment()
+
+
+def test_empty_environment_variables_are_unset(monkeypatch):
+    from nca_kernels import config
+
+    for option in ("tile_bytes", "deterministic", "backward"):
+        monkeypatch.setattr(config, option, getattr(config, option))
+    for name in ("NCA_KERNELS_TILE_BYTES", "NCA_KERNELS_DETERMINISTIC", "NCA_KERNELS_TRITON_BACKWARD"):
+        monkeypatch.setenv(name, " ")
+    config._from_environment()
+    monkeypatch.setenv("NCA_KERNELS_DETERMINISTIC", " 1 ")
+    config._from_environment()
+    assert config.deterministic is True
 
 
 def test_environment_variables_applied(monkeypatch):

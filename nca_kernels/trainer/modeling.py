@@ -92,7 +92,10 @@ def _one_logit_kwargs(model) -> dict:
 def _decoder(model):
     """The decoder stack whose output is the last hidden state (``get_decoder()``), or None."""
     base = _base(model)
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    try:
+        decoder = base.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):  # no decoder, or no rule to find it
+        return None
     return decoder if isinstance(decoder, torch.nn.Module) and decoder is not base else None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from datasets import Dataset
@@ -174,6 +176,29 @@ def test_named_sets_with_persistent_workers_and_weighted_metrics(tmp_path):
     assert metrics["eval_pairs_loss"] == pytest.approx(_naive_loss(trainer, trainer.eval_dataset["pairs"], 0.0),
                                                        rel=1e-5)
     assert (metrics["eval_k4_rewards/accuracy"] * 5) == pytest.approx(round(metrics["eval_k4_rewards/accuracy"] * 5))
+
+
+def test_models_without_a_decoder_return_their_hidden_states(tmp_path, monkeypatch):
+    """The loss reads the decoder's output through a hook; a model whose decoder cannot be found
+    returns its hidden states instead, with the same loss."""
+    tok = char_tokenizer()
+    trainer = make_trainer(tmp_path, tiny_llama(len(tok)), reward_rows(4))
+    _moved(trainer.model)
+    batch = batch_of(trainer)
+    hooked = trainer.compute_loss(trainer.model, batch)
+    asked = []
+    forward = type(trainer.model).forward
+
+    @functools.wraps(forward)  # keeps the signature the loss reads
+    def spy(self, **kwargs):
+        asked.append(kwargs)
+        return forward(self, **kwargs)
+
+    monkeypatch.setattr(type(trainer.model), "forward", spy)
+    monkeypatch.setattr(type(trainer.model), "get_decoder", lambda self: self)
+    plain = trainer.compute_loss(trainer.model, batch)
+    assert asked[-1].get("output_hidden_states") is True
+    torch.testing.assert_close(plain, hooked, rtol=1e-6, atol=1e-7)
 
 
 def test_reference_logps_in_the_data_are_used(tmp_path):

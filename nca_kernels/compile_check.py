@@ -55,14 +55,14 @@ def kernels():
     """(autotuned kernel, flags(dtype) -> constexprs) for every Triton kernel of the package."""
     from .backends.triton.linear_backward import SCHEDULES, linear_backward_kernel
     from .backends.triton.linear_forward import linear_forward_kernel
-    from .backends.triton.logits import logits_backward_kernel, logits_forward_kernel
+    from .backends.triton.logits import _backward, logits_forward_kernel
 
     backward = [(linear_backward_kernel, lambda d, s=s: {**_linear_flags(d), "SCHEDULE": s}) for s in SCHEDULES]
     return [
         (linear_forward_kernel, _forward_flags),
         *backward,
         (logits_forward_kernel, lambda d: {}),
-        (logits_backward_kernel, lambda d: {}),
+        (_backward, lambda d: {}),
     ]
 
 

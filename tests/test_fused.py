@@ -499,3 +499,22 @@ def test_rewards_and_ref_logps_are_constants(recompute):
                              recompute=recompute, backend="torch")
     loss.backward()
     assert rewards.grad is None and ref_logps.grad is None and batch.hidden.grad is not None
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_index_none_covers_every_row(device, backend):
+    """The backend protocol's linear passes take ``index=None`` for every row."""
+    from nca_kernels.backends import get_backend
+
+    be = get_backend(backend, torch.device(device))
+    batch = make_batch(b=1, k=2, t=4, h=16, v=37, bias=True, dtype=torch.float32, device=device, seed=7)
+    h2d, w, bias = (x.detach() for x in (batch.hidden.reshape(-1, 16), batch.weight, batch.bias))
+    targets = torch.randint(0, 37, (h2d.shape[0],), device=device)
+    everything = torch.arange(h2d.shape[0], device=device)
+    lse, tgt = be.linear_forward(h2d, w, bias, None, targets)
+    for got, want in zip((lse, tgt), be.linear_forward(h2d, w, bias, everything, targets)):
+        torch.testing.assert_close(got, want)
+    g = torch.randn_like(lse)
+    for got, want in zip(be.linear_backward(h2d, w, bias, None, targets, lse, g, (True, True, True)),
+                         be.linear_backward(h2d, w, bias, everything, targets, lse, g, (True, True, True))):
+        torch.testing.assert_close(got, want)

@@ -135,19 +135,35 @@ def test_logits_backward_in_place_equals_out_of_place():
     torch.testing.assert_close(fresh[index], want, rtol=1e-5, atol=1e-6)
 
 
-def test_index_none_covers_every_row():
-    be = get_backend("triton", torch.device(DEVICE))
-    batch = make_batch(b=1, k=2, t=4, h=16, v=37, bias=True, dtype=torch.float32, device=DEVICE, seed=7)
-    h2d, w, bias = (x.detach() for x in (batch.hidden.reshape(-1, 16), batch.weight, batch.bias))
-    targets = torch.randint(0, 37, (h2d.shape[0],), device=DEVICE)
-    everything = torch.arange(h2d.shape[0], device=DEVICE)
-    lse, tgt = be.linear_forward(h2d, w, bias, None, targets)
-    for got, want in zip((lse, tgt), be.linear_forward(h2d, w, bias, everything, targets)):
-        torch.testing.assert_close(got, want)
-    g = torch.randn_like(lse)
-    for got, want in zip(be.linear_backward(h2d, w, bias, None, targets, lse, g, (True, True, True)),
-                         be.linear_backward(h2d, w, bias, everything, targets, lse, g, (True, True, True))):
-        torch.testing.assert_close(got, want)
+def test_a_tile_of_minus_inf_logits():
+    """A -inf bias over whole vocabulary tiles (banned tokens): the tiles' logsumexp is -inf, not NaN,
+    in the from-logits kernel that reduces each tile of the matmul schedule; and a row entirely -inf
+    gives -inf."""
+    batch = make_batch(b=1, k=2, t=9, h=16, v=70, bias=True, device=DEVICE, seed=12).cast(torch.float32)
+    bias = batch.bias.detach().clone()
+    bias[40:] = float("-inf")
+    labels = batch.labels.clamp(max=39).masked_fill(batch.labels == IGNORE, IGNORE)
+    with chunk_bytes(tile=2 * 8 * (4 + 4) * 16):  # 8-row by 20-column tiles: the last two are all -inf
+        got = sequence_logprobs(batch.hidden, batch.weight, labels, bias=bias, backend="triton")
+    want = reference.sequence_logprobs(batch.hidden, batch.weight, labels, bias=bias)
+    assert_close([got, *grads(got, [batch.hidden, batch.weight])], [want, *grads(want, [batch.hidden, batch.weight])],
+                 rtol=1e-4, atol=1e-5)
+    row = torch.full((1, 70), float("-inf"), device=DEVICE)
+    lse, _ = get_backend("triton", torch.device(DEVICE)).logits_forward(row, None, torch.zeros(1, dtype=torch.int64,
+                                                                                                   device=DEVICE))
+    assert lse.item() == float("-inf")
+
+
+def test_fused_backward_ignores_rows_past_the_tokens():
+    """Rows past the last token of a fused tile hold the bias as logits: with a large bias their
+    exp overflows, and the zero gradient they carry must not turn it into NaN."""
+    batch = make_batch(b=1, k=2, t=7, h=16, v=37, bias=True, device=DEVICE, seed=13).cast(torch.float32)
+    bias = (batch.bias.detach() * 0 + 100.0).requires_grad_()
+    with config.triton_options(backward="fused"):
+        got = sequence_logprobs(batch.hidden, batch.weight, batch.labels, bias=bias, backend="triton")
+        got_grads = grads(got, [batch.hidden, batch.weight, bias])
+    want = reference.sequence_logprobs(batch.hidden, batch.weight, batch.labels, bias=bias)
+    assert_close([got, *got_grads], [want, *grads(want, [batch.hidden, batch.weight, bias])], rtol=1e-4, atol=1e-5)
 
 
 def test_filtering_skips_small_tiles_but_keeps_bias_grad():
@@ -188,10 +204,11 @@ def test_available_needs_cuda_or_the_interpreter(monkeypatch):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_gpu_16bit_matches_torch_backend(dtype, deterministic):
+@pytest.mark.parametrize("options", [{}, {"backward": "fused"}, {"deterministic": True}],
+                         ids=["matmul", "fused", "deterministic"])
+def test_gpu_16bit_matches_torch_backend(dtype, options):
     batch = make_batch(b=2, k=4, t=300, h=520, v=5003, bias=True, dtype=torch.float32, device="cuda", seed=10)
-    with config.triton_options(deterministic=deterministic, scratch_bytes=4 * 520 * 333):  # several dH chunks
+    with config.triton_options(scratch_bytes=4 * 520 * 333, **options):  # several dH chunks
         got = run_logprobs(batch, dtype)
     with chunk_bytes(tile=1 << 26):
         want = run_logprobs(batch, dtype, backend="torch")

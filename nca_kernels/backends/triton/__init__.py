@@ -69,8 +69,7 @@ def linear_forward(hidden2d, weight, bias, index, targets, softcap=None):
     if hidden2d.dtype == torch.float64:
         return torch_chunked.linear_forward(hidden2d, weight, bias, index, targets, softcap)
     if not _fused_schedule(softcap):
-        return rowchunk.linear_forward(sys.modules[__name__], hidden2d, weight, bias,
-                                       _rows(index, hidden2d.shape[0], hidden2d.device), targets, softcap)
+        return rowchunk.linear_forward(sys.modules[__name__], hidden2d, weight, bias, index, targets, softcap)
     return _fwd.linear_forward(_contiguous_rows(hidden2d), weight.contiguous(), _contiguous_rows(bias),
                                _rows(index, hidden2d.shape[0], hidden2d.device), targets)
 
@@ -79,9 +78,8 @@ def linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs
     if hidden2d.dtype == torch.float64:
         return torch_chunked.linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs, softcap)
     if not _fused_schedule(softcap):
-        return rowchunk.linear_backward(sys.modules[__name__], hidden2d, weight, bias,
-                                        _rows(index, hidden2d.shape[0], hidden2d.device), targets, lse, grad_tok, needs,
-                                        softcap)
+        return rowchunk.linear_backward(sys.modules[__name__], hidden2d, weight, bias, index, targets, lse, grad_tok,
+                                        needs, softcap)
     return _bwd.linear_backward(_contiguous_rows(hidden2d), weight.contiguous(), _contiguous_rows(bias),
                                 _rows(index, hidden2d.shape[0], hidden2d.device), targets, lse, grad_tok, needs)
 

@@ -54,7 +54,7 @@ def _tile_grads(hidden_ptr, weight_ptr, bias_ptr, index_ptr, target_ptr, lse_ptr
     mask_v = offs_v < V
     logits = logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, v0, mask_n, mask_v, H, stride_h, stride_w,
                         HAS_BIAS, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
-    dl = grad_tile(logits, offs_v, targets, lse, grad)
+    dl = tl.where(mask_n[:, None], grad_tile(logits, offs_v, targets, lse, grad), 0.0)  # masked rows: 0 * exp(bias)
     db = tl.sum(dl, axis=0)
     if tl.max(tl.abs(dl)) >= filter_eps:
         accumulate(dl, hidden_ptr, weight_ptr, rows, offs_v, mask_n, mask_v, dh_ptr,

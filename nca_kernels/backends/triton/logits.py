@@ -30,12 +30,12 @@ def logits_forward_kernel(logits_ptr, index_ptr, target_ptr, lse_ptr, tgt_ptr, V
         s = s * tl.exp(m - shift) + tl.exp(x - shift)
         m = m_new
     m_row = tl.max(m, axis=0)
+    m_row = tl.where(m_row == float("-inf"), 0.0, m_row)  # an all -inf row (or tile): lse -inf, not NaN
     lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
     tl.store(lse_ptr + n, lse)
     tl.store(tgt_ptr + n, tl.load(row + tl.load(target_ptr + n)).to(tl.float32))
 
 
-@triton.autotune(configs=tuning.row(), key=["V"], restore_value=["out_ptr"])  # out may alias the logits
 @triton.jit
 def logits_backward_kernel(logits_ptr, out_ptr, pos_ptr, target_ptr, lse_ptr, grad_ptr, V, stride, out_stride,
                            BLOCK_V: tl.constexpr):
@@ -62,6 +62,12 @@ def logits_backward_kernel(logits_ptr, out_ptr, pos_ptr, target_ptr, lse_ptr, gr
             tl.store(dst + offs, tl.zeros((BLOCK_V,), dtype=out_ptr.dtype.element_ty), mask=offs < V)
 
 
+# Autotuned twice: in place, benchmarking must restore the logits it overwrites (a clone of the
+# whole buffer per trial); out of place nothing needs restoring.
+_backward = triton.autotune(configs=tuning.row(), key=["V"])(logits_backward_kernel)
+_backward_in_place = triton.autotune(configs=tuning.row(), key=["V"], restore_value=["out_ptr"])(logits_backward_kernel)
+
+
 def logits_forward(logits2d, index, targets):
     """``(lse, target_logit)`` float32 ``(N,)`` of rows ``index`` of logits2d ``(M, V)``."""
     n = index.numel()
@@ -79,6 +85,7 @@ def logits_backward(logits2d, index, targets, lse, grad_tok, inplace):
     pos = torch.full((m,), -1, dtype=torch.int64, device=logits2d.device)
     pos[index] = torch.arange(index.numel(), device=logits2d.device)
     if m:
-        logits_backward_kernel[(m,)](logits2d, out, pos, targets, lse, grad_tok.to(torch.float32), v,
-                                     logits2d.stride(0), out.stride(0))
+        kernel = _backward_in_place if inplace else _backward
+        kernel[(m,)](logits2d, out, pos, targets, lse, grad_tok.to(torch.float32), v, logits2d.stride(0),
+                     out.stride(0))
     return out

@@ -55,11 +55,13 @@ def grad_tile(logits, offs_v, targets, lse, grad):
 
 @triton.jit
 def add_to(ptrs, value, mask, ATOMIC: tl.constexpr):
-    """``*ptrs += value`` (cast to the pointee dtype), by atomics or by a plain read-modify-write."""
+    """``*ptrs += value`` (cast to the pointee dtype), by atomics or by a plain read-modify-write; the
+    barrier makes this program's earlier stores to ``ptrs`` (by other threads of its layout) visible."""
     value = value.to(ptrs.dtype.element_ty)
     if ATOMIC:
         tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
     else:
+        tl.debug_barrier()
         tl.store(ptrs, tl.load(ptrs, mask=mask) + value, mask=mask)
 
 

@@ -21,6 +21,10 @@ class ScriptArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A local Hugging Face model directory with its tokenizer (never downloaded)."}
     )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A local model directory for the reference log-probs (default: the initial policy)."},
+    )
     dataset: str | None = field(
         default=None, metadata={"help": "Training data: a .json/.jsonl/.parquet file or a saved dataset directory."}
     )
@@ -46,15 +50,21 @@ def build_trainer(script: ScriptArguments, config):
 
     from .trainer import NCATrainer, attn_implementation, load_reward_dataset
 
-    path = script.model_name_or_path
-    if not os.path.isdir(path):
-        raise ValueError(f"--model_name_or_path {path!r} is not a local model directory")
+    for flag, path in (("--model_name_or_path", script.model_name_or_path),
+                       ("--ref_model_name_or_path", script.ref_model_name_or_path)):
+        if path is not None and not os.path.isdir(path):
+            raise ValueError(f"{flag} {path!r} is not a local model directory")
     train_data = load_reward_dataset(script.dataset)
     eval_data = load_reward_dataset(script.eval_dataset) if script.eval_dataset else None
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation=attn_implementation(),
-                                                 dtype=script.dtype)
-    return NCATrainer(model, config, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(script.model_name_or_path, local_files_only=True)
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=script.dtype,
+                                                    attn_implementation=attn_implementation())
+
+    ref_model = load(script.ref_model_name_or_path) if script.ref_model_name_or_path else None
+    return NCATrainer(load(script.model_name_or_path), config, train_dataset=train_data, eval_dataset=eval_data,
+                      processing_class=tokenizer, ref_model=ref_model)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -52,6 +52,27 @@ def test_cli_usage_errors(tmp_path, capsys, args, message):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_cli_reference_model(model_and_data, tmp_path):
+    """--ref_model_name_or_path: the reference log-probs are that model's, not the policy's."""
+    from nca_kernels.train import ScriptArguments, build_trainer
+    from nca_kernels.trainer import NCAConfig
+
+    model, data = model_and_data
+    tok = char_tokenizer()
+    tiny_llama(len(tok), seed=1).save_pretrained(tmp_path / "ref")
+    config = NCAConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_length=64,
+                       max_prompt_length=32)
+
+    def ref_logps(policy, ref=None):
+        script = ScriptArguments(model_name_or_path=policy, ref_model_name_or_path=ref, dataset=data)
+        return build_trainer(script, config).train_dataset["ref_logps"]
+
+    with_ref = ref_logps(model, str(tmp_path / "ref"))
+    assert with_ref != ref_logps(model)
+    tok.save_pretrained(tmp_path / "ref")
+    assert with_ref == ref_logps(str(tmp_path / "ref"))
+
+
 def test_cli_loads_the_weights_in_the_dtype_asked_for(model_and_data, tmp_path):
     model, data = model_and_data
     args = cli_args(model, data, str(tmp_path / "bf16"), 4)

@@ -90,6 +90,19 @@ def test_tile_passes_stay_within_the_tile_budget(tile):
     assert grads <= peak <= grads + 1.05 * tile + (16 << 10)
 
 
+def test_rounded_products_are_added_in_bounded_blocks():
+    """Where a 16-bit product must be rounded before it joins a float32 accumulator (no unrounded
+    addmm here), it is formed in row blocks of at most a quarter of the tile budget."""
+    from nca_kernels.backends.torch_chunked import addmm_
+
+    out = torch.zeros(2048, 512)
+    a, b = torch.randn(2048, 64).bfloat16(), torch.randn(64, 512).bfloat16()
+    with nk.chunk_bytes(tile=1 << 20):
+        peak = peak_bytes(lambda: addmm_(out, a, b), CPU)
+    assert peak <= (1 << 20) // 4  # the whole product would be 2 MiB
+    torch.testing.assert_close(out, (a @ b).float())
+
+
 @pytest.mark.parametrize("wide", [False, True])
 def test_tile_shape_counts_the_product_row_only_where_it_exists(monkeypatch, wide):
     """At the headline shape (V=128256, H=4096, bf16, 48 MiB): a token row costs its hidden row, its

@@ -76,8 +76,8 @@ def chunk_grads_(be, buf, hidden2d, weight, index, targets, lse, shift, grad_tok
 def tile_row_bytes(h: int, dtype: torch.dtype, device: torch.device) -> int:
     """Bytes per token row of a backward tile beside its logits: the gathered hidden row, the ``dH``
     accumulator row (float32; float64 for float64 inputs) and, where :func:`addmm_` must round a
-    16-bit product before adding it, that product row. (The float32 dW mode's ``(cols, H)``
-    product, formed where it must be rounded too, is that mode's own cost: not counted here.)"""
+    16-bit product before adding it, that product row. (The float32 dW mode's product, formed
+    where it must be rounded too, in blocks of a quarter of the budget, is that mode's own cost.)"""
     size = dtype.itemsize
     acc = accum_dtype(dtype)
     product = 0 if acc == dtype or wide_addmm(device, dtype) else size

@@ -46,13 +46,16 @@ def wide_addmm(device: torch.device, dtype: torch.dtype) -> bool:
 def addmm_(out, a, b):
     """``out += a @ b`` in place. Same dtypes: one in-place matmul. A float32 ``out`` and 16-bit
     operands: the matmul adds its float32 result directly where :func:`wide_addmm` says it can, else
-    the product is formed in the operands' dtype (one rounding) and then added."""
+    the product is formed in the operands' dtype (one rounding) and then added, in row blocks of at
+    most a quarter of the tile budget (a ``(V_tile, H)`` dW product would otherwise double it)."""
     if out.dtype == a.dtype:
         out.addmm_(a, b)
     elif out.dtype == torch.float32 and wide_addmm(out.device, a.dtype):
         torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
     else:
-        out.add_(a @ b)
+        step = max(1, config.tile_budget(out.device) // (4 * out.shape[1] * a.element_size()))
+        for r0 in range(0, out.shape[0], step):
+            out[r0:r0 + step].add_(a[r0:r0 + step] @ b)
 
 
 def cap_(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import importlib
 import importlib.metadata
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -234,13 +235,16 @@ def liger(problem: Problem, device: torch.device, opts: Options) -> Prepared | s
     if S % 2:
         return f"needs an even number of sequences for chosen/rejected pairs, got S={S}"
     rewards = p.rewards.reshape(S // 2, 2)
-    pair = Problem(p.hidden, p.weight, p.labels, rewards, torch.zeros_like(rewards), p.beta, 0.0, "nca_pair")
+    # With ref_logps = 0 the model reward is beta * logp (hundreds of nats): a beta that keeps it O(1)
+    # leaves no sequence with a saturated (zero) gradient, so the error check covers them all.
+    beta = 1.0 / (float((p.labels != IGNORE).sum(1).float().mean().clamp(min=1)) * math.log(p.weight.shape[0]))
+    pair = Problem(p.hidden, p.weight, p.labels, rewards, torch.zeros_like(rewards), beta, 0.0, "nca_pair")
     chosen = rewards.argmax(-1)
     base = torch.arange(S // 2, device=rewards.device) * 2
     perm = torch.cat([base + chosen, base + 1 - chosen])
     hidden = p.hidden.detach()[perm].requires_grad_()
     labels = p.labels[perm]
-    loss_mod = mod.LigerFusedLinearDPOLoss(ignore_index=IGNORE, beta=p.beta, use_ref_model=False,
+    loss_mod = mod.LigerFusedLinearDPOLoss(ignore_index=IGNORE, beta=beta, use_ref_model=False,
                                            loss_type="nca_pair", compiled=opts.compile_peers)
 
     def to_canonical(dh, dw):
@@ -248,7 +252,7 @@ def liger(problem: Problem, device: torch.device, opts: Options) -> Prepared | s
         out[perm] = dh
         return out, dw
 
-    note = "ref_logps=0 (takes no precomputed reference)"
+    note = "ref_logps=0 (takes no precomputed reference), beta=1/(response tokens x ln V)"
     if p.rewards.shape[1] != 2:
         note += f"; K={p.rewards.shape[1]} regrouped as S/2 pairs"
     return backward_step((hidden, p.weight), lambda: loss_mod(p.weight, hidden, labels)[0],
@@ -328,7 +332,8 @@ def three_matmuls(problem: Problem, device: torch.device, opts: Options) -> Prep
         logits = h @ w.t()
         dh = dlogits @ w
         dw = dlogits.t() @ h
-        return logits.sum(), dh, dw
+        del logits  # made, never read: no softmax pass in the floor
+        return None, dh, dw
 
     return Prepared(step, has_grads=False, note="floor: 3 matmuls, no softmax")
 

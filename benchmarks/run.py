@@ -185,11 +185,13 @@ class References:
         self.device, self.cache = device, {}
 
     def get(self, problem: peers.Problem):
-        key = (id(problem.hidden), problem.loss_type, problem.alpha, float(problem.ref_logps.abs().sum()))
+        key = (id(problem.hidden), problem.loss_type, problem.alpha, problem.beta,
+               float(problem.ref_logps.abs().sum()))
         if key not in self.cache:
-            # kept in host memory: several full-size float64 gradients would crowd a GPU
-            self.cache[key] = tuple(x.cpu() for x in reference_grads(problem, self.device))
-        return self.cache[key]
+            # kept in host memory: several full-size float64 gradients would crowd a GPU; the hidden
+            # states are kept too, so that their id is not reused by another problem's
+            self.cache[key] = problem.hidden, tuple(x.cpu() for x in reference_grads(problem, self.device))
+        return self.cache[key][1]
 
 
 def check_error(adapter, prepared, problem, case, device, opts, refs, ref_device, got=None,

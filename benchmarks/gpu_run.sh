@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
-# Reproduce the GPU results on one CUDA device, one step at a time (each well under 10 minutes on an H100):
+# Reproduce the GPU results on one CUDA device, one step at a time (each meant to fit in 10 minutes on an H100):
 #   bash benchmarks/gpu_run.sh RESULTS_DIR [STEP...]
 # Steps, in the order that settles the most per minute (all of them when none is named):
-#   tests     the cuda equivalence tests (every backend against the float64 reference)
+#   tests     the CUDA and Triton kernel tests (test_cuda, test_triton, test_memory)
+#   fused     every backend against the float64 reference on cuda (test_fused)
 #   headline  the headline case with every peer: peaks after warm-up, full-size gradient errors
 #   peaked    gradient filtering beside CCE's default filter, on trained-looking logits
 #   tiles     the recompute schedule's tile shapes, with a profile of the default one
 #   sweep     the sweep and the peers' largest-fit search, for 300 s
 #   trainer   the demo, then one process of the CLI under FSDP2
 # Files are named after the device (h100_headline.json, ...). Needs the peers installed
-# (pip install -e '.[bench,train]'), or, on a machine without network, from the wheels in $WHEELS.
+# (pip install -e '.[bench,train]'), or their wheels in $WHEELS on a machine without network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[[ $# -ge 1 ]] || { sed -n 2,12p "$0"; exit 2; }
+[[ $# -ge 1 ]] || { sed -n 2,13p "$0"; exit 2; }
 out=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
 steps=("$@")
-[[ ${#steps[@]} -gt 0 ]] || steps=(tests headline peaked tiles sweep trainer)
+[[ ${#steps[@]} -gt 0 ]] || steps=(tests fused headline peaked tiles sweep trainer)
 
 if [[ -n "${WHEELS:-}" ]]; then  # pure-Python peers beside a preinstalled torch, triton and transformers
     site=/tmp/nca_kernels_site
@@ -32,10 +33,12 @@ bench=(python3 benchmarks/run.py --device cuda)
 
 run_step() {
     case $1 in
-        tests)
-            python3 -m pytest -q tests/test_fused.py tests/test_triton.py tests/test_cuda.py tests/test_memory.py \
-                --junitxml "$out/${tag}_tests.xml" >"$out/${tag}_tests.log" 2>&1
-            local rc=$?; tail -n 30 "$out/${tag}_tests.log"; return $rc ;;
+        tests | fused)  # the kernel tests, then every backend against the float64 reference
+            local files=(tests/test_cuda.py tests/test_triton.py tests/test_memory.py)
+            [[ $1 == fused ]] && files=(tests/test_fused.py)
+            python3 -m pytest -q -p no:cacheprovider --durations 15 "${files[@]}" --junitxml "$out/${tag}_$1.xml" \
+                >"$out/${tag}_$1.log" 2>&1
+            local rc=$?; tail -n 30 "$out/${tag}_$1.log"; return $rc ;;
         headline)
             "${bench[@]}" --headline --no-fit --skip "ours[torch" \
                 --out "$out/${tag}_headline.json" --md "$out/${tag}_headline.md" ;;

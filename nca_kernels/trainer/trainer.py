@@ -48,7 +48,7 @@ class NCATrainer(Trainer):
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         # compute_loss returns a per-batch mean: Trainer divides it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}  # sum, count
         self._head_checked = False
         if ref_model is not None:
             ref_model = ref_model.to(self.args.device)
@@ -138,11 +138,12 @@ class NCATrainer(Trainer):
         gather = self.accelerator.gather_for_metrics if mode == "eval" else self.accelerator.gather
         stacked = gather(stacked)
         for name, total in zip(values, stacked.sum(0).tolist()):
-            self._metrics[mode][name].append((total, stacked.shape[0]))
+            self._metrics[mode][name][0] += total
+            self._metrics[mode][name][1] += stacked.shape[0]
 
     @staticmethod
     def _means(recorded: dict) -> dict:
-        return {name: sum(t for t, _ in parts) / sum(n for _, n in parts) for name, parts in recorded.items()}
+        return {name: total / count for name, (total, count) in recorded.items()}
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation computes the loss (and records the metrics) only."""

@@ -16,6 +16,17 @@ def _shifted(labels: torch.Tensor, ignore_index: int, shift: bool) -> torch.Tens
     return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
 
 
+def _head_inputs(hidden, weight, labels, bias, ignore_index, shift, softcap, backend):
+    """The LM-head arguments checked and normalised, shared by the entry points that take them:
+    ``(hidden, weight, bias, labels, ignore_index, softcap)`` with the autocast cast applied and
+    the labels shifted when asked."""
+    hidden, weight, bias = ops.autocast_inputs(hidden, weight, bias)
+    validation.check_backend(backend)
+    softcap = validation.check_softcap(softcap)
+    ignore_index = validation.check_hidden_inputs(hidden, weight, labels, bias, ignore_index, shift)
+    return hidden, weight, bias, _shifted(labels, ignore_index, shift), ignore_index, softcap
+
+
 def sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, average=False, shift=False,
                       softcap=None, backend="auto"):
     """Per-sequence log-probs ``(S,)`` straight from the LM head, never holding the logits.
@@ -29,11 +40,8 @@ def sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, a
     float64 inputs); a sequence with no response tokens gets 0. ``average=True`` divides by the
     number of response tokens.
     """
-    hidden, weight, bias = ops.autocast_inputs(hidden, weight, bias)
-    validation.check_backend(backend)
-    softcap = validation.check_softcap(softcap)
-    ignore_index = validation.check_hidden_inputs(hidden, weight, labels, bias, ignore_index, shift)
-    labels = _shifted(labels, ignore_index, shift)
+    hidden, weight, bias, labels, ignore_index, softcap = _head_inputs(hidden, weight, labels, bias, ignore_index,
+                                                                       shift, softcap, backend)
     return ops.LinearLogprobs.apply(hidden, weight, bias, labels, ignore_index, bool(average), backend, softcap)
 
 
@@ -72,13 +80,10 @@ def fused_nca_loss(hidden, weight, labels, rewards, ref_logps, *, beta, alpha, l
     one matmul of the recompute path. With ``return_metrics=True`` returns ``(loss, metrics)``,
     metrics being detached (see :func:`nca_kernels.losses.preference_metrics`).
     """
-    hidden, weight, bias = ops.autocast_inputs(hidden, weight, bias)
-    validation.check_backend(backend)
     beta, alpha = validation.check_loss_params(beta, alpha, loss_type)
-    softcap = validation.check_softcap(softcap)
-    ignore_index = validation.check_hidden_inputs(hidden, weight, labels, bias, ignore_index, shift)
+    hidden, weight, bias, labels, ignore_index, softcap = _head_inputs(hidden, weight, labels, bias, ignore_index,
+                                                                       shift, softcap, backend)
     b, k = validation.check_group_tensors(rewards, ref_logps, hidden.shape[0], loss_type, hidden.device)
-    labels = _shifted(labels, ignore_index, shift)
     if recompute or not torch.is_grad_enabled():  # the group path forms gradients in its forward
         logps = ops.LinearLogprobs.apply(hidden, weight, bias, labels, ignore_index, bool(average), backend,
                                          softcap).view(b, k)

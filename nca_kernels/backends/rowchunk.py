@@ -103,9 +103,9 @@ def _tiles(n: int, weight: torch.Tensor):
         yield slice(r0, min(n, r0 + rows)), [(v0, min(v, v0 + cols)) for v0 in range(0, v, cols)]
 
 
-def _every_row(index, hidden2d):
-    """``index``, or every row of hidden2d when it is None (the backend protocol allows both)."""
-    return torch.arange(hidden2d.shape[0], device=hidden2d.device) if index is None else index
+def every_row(index, m: int, device) -> torch.Tensor:
+    """``index``, or all ``m`` rows when it is None (the backend protocol allows both)."""
+    return torch.arange(m, device=device) if index is None else index
 
 
 def _logit_tile(h, weight, bias, v0, v1, softcap):
@@ -118,7 +118,7 @@ def linear_forward(be, hidden2d, weight, bias, index, targets, softcap=None):
     it to a per-row logsumexp (and the label's logit when the label falls in the tile); the tiles'
     logsumexps fold once per token chunk. Backward recomputes the very same tiles."""
     acc = accum_dtype(hidden2d.dtype)
-    index = _every_row(index, hidden2d)
+    index = every_row(index, hidden2d.shape[0], hidden2d.device)
     n = index.numel()
     lse = torch.empty(n, dtype=acc, device=hidden2d.device)
     tgt = torch.zeros(n, dtype=acc, device=hidden2d.device)
@@ -142,7 +142,7 @@ def linear_backward(be, hidden2d, weight, bias, index, targets, lse, grad_tok, n
     products go into float32 accumulators unrounded where the matmul allows (:func:`addmm_`)."""
     need_h, need_w, need_b = needs
     acc = accum_dtype(weight.dtype)
-    index = _every_row(index, hidden2d)
+    index = every_row(index, hidden2d.shape[0], hidden2d.device)
     dhidden = torch.zeros_like(hidden2d) if need_h else None
     dweight = weight_grad_buffer(weight) if need_w else None
     dbias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None

@@ -19,6 +19,7 @@ import torch
 
 from ... import config
 from .. import rowchunk, torch_chunked
+from ..rowchunk import every_row
 from . import linear_backward as _bwd
 from . import linear_forward as _fwd
 from . import logits as _logits
@@ -35,11 +36,6 @@ def available(device: torch.device) -> str | None:
             return None
         return "TRITON_INTERPRET=1 was set after the triton backend was imported; set it before importing"
     return f"backend 'triton' needs a CUDA device (on CPU only under TRITON_INTERPRET=1), got {device}"
-
-
-def _rows(index, m, device):
-    """``index`` or, when None, every one of the ``m`` rows."""
-    return torch.arange(m, device=device) if index is None else index
 
 
 def _contiguous_rows(x):
@@ -71,7 +67,7 @@ def linear_forward(hidden2d, weight, bias, index, targets, softcap=None):
     if not _fused_schedule(softcap):
         return rowchunk.linear_forward(sys.modules[__name__], hidden2d, weight, bias, index, targets, softcap)
     return _fwd.linear_forward(_contiguous_rows(hidden2d), weight.contiguous(), _contiguous_rows(bias),
-                               _rows(index, hidden2d.shape[0], hidden2d.device), targets)
+                               every_row(index, hidden2d.shape[0], hidden2d.device), targets)
 
 
 def linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs, softcap=None):
@@ -81,17 +77,18 @@ def linear_backward(hidden2d, weight, bias, index, targets, lse, grad_tok, needs
         return rowchunk.linear_backward(sys.modules[__name__], hidden2d, weight, bias, index, targets, lse, grad_tok,
                                         needs, softcap)
     return _bwd.linear_backward(_contiguous_rows(hidden2d), weight.contiguous(), _contiguous_rows(bias),
-                                _rows(index, hidden2d.shape[0], hidden2d.device), targets, lse, grad_tok, needs)
+                                every_row(index, hidden2d.shape[0], hidden2d.device), targets, lse, grad_tok, needs)
 
 
 def logits_forward(logits2d, index, targets):
     if logits2d.dtype == torch.float64:
         return torch_chunked.logits_forward(logits2d, index, targets)
-    return _logits.logits_forward(_contiguous_rows(logits2d), _rows(index, logits2d.shape[0], logits2d.device), targets)
+    return _logits.logits_forward(_contiguous_rows(logits2d), every_row(index, logits2d.shape[0], logits2d.device),
+                                  targets)
 
 
 def logits_backward(logits2d, index, targets, lse, grad_tok, inplace):
     if logits2d.dtype == torch.float64 or (inplace and logits2d.stride(-1) != 1):
         return torch_chunked.logits_backward(logits2d, index, targets, lse, grad_tok, inplace)
-    return _logits.logits_backward(_contiguous_rows(logits2d), _rows(index, logits2d.shape[0], logits2d.device),
+    return _logits.logits_backward(_contiguous_rows(logits2d), every_row(index, logits2d.shape[0], logits2d.device),
                                    targets, lse, grad_tok, inplace)

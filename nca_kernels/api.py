@@ -16,12 +16,13 @@ def _shifted(labels: torch.Tensor, ignore_index: int, shift: bool) -> torch.Tens
     return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
 
 
-def _head_inputs(hidden, weight, labels, bias, ignore_index, shift, softcap, backend):
+def _head_inputs(hidden, weight, labels, bias, ignore_index, average, shift, softcap, backend):
     """The LM-head arguments checked and normalised, shared by the entry points that take them:
     ``(hidden, weight, bias, labels, ignore_index, softcap)`` with the autocast cast applied and
     the labels shifted when asked."""
     hidden, weight, bias = ops.autocast_inputs(hidden, weight, bias)
     validation.check_backend(backend)
+    validation.check_flags(average=average, shift=shift)
     softcap = validation.check_softcap(softcap)
     ignore_index = validation.check_hidden_inputs(hidden, weight, labels, bias, ignore_index, shift)
     return hidden, weight, bias, _shifted(labels, ignore_index, shift), ignore_index, softcap
@@ -41,8 +42,8 @@ def sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, a
     number of response tokens.
     """
     hidden, weight, bias, labels, ignore_index, softcap = _head_inputs(hidden, weight, labels, bias, ignore_index,
-                                                                       shift, softcap, backend)
-    return ops.LinearLogprobs.apply(hidden, weight, bias, labels, ignore_index, bool(average), backend, softcap)
+                                                                       average, shift, softcap, backend)
+    return ops.LinearLogprobs.apply(hidden, weight, bias, labels, ignore_index, average, backend, softcap)
 
 
 def sequence_logprobs_from_logits(logits, labels, *, ignore_index=-100, average=False, shift=False,
@@ -50,9 +51,10 @@ def sequence_logprobs_from_logits(logits, labels, *, ignore_index=-100, average=
     """Per-sequence log-probs ``(S,)`` from logits ``(S, T, V)`` (any float dtype), read in chunks;
     ``shift`` as in :func:`sequence_logprobs`."""
     validation.check_backend(backend)
+    validation.check_flags(average=average, shift=shift)
     ignore_index = validation.check_logits_inputs(logits, labels, ignore_index, shift)
     labels = _shifted(labels, ignore_index, shift)
-    return ops.LogitsLogprobs.apply(logits, labels, ignore_index, bool(average), backend)
+    return ops.LogitsLogprobs.apply(logits, labels, ignore_index, average, backend)
 
 
 def nca_loss(policy_logps, ref_logps, rewards, *, beta, alpha, loss_type="nca"):
@@ -60,7 +62,7 @@ def nca_loss(policy_logps, ref_logps, rewards, *, beta, alpha, loss_type="nca"):
     policy_logps (rewards and ref_logps are constants); computed in float32 at least."""
     beta, alpha = validation.check_loss_params(beta, alpha, loss_type)
     validation.check_policy_logps(policy_logps, rewards)
-    validation.check_group_tensors(rewards, ref_logps, None, loss_type, policy_logps.device)
+    validation.check_group_tensors(rewards, ref_logps, None, loss_type, ("policy_logps", policy_logps))
     per_prompt, _ = losses.loss_terms(policy_logps, ref_logps, rewards, beta, alpha, loss_type)
     return per_prompt.mean()
 
@@ -81,18 +83,19 @@ def fused_nca_loss(hidden, weight, labels, rewards, ref_logps, *, beta, alpha, l
     metrics being detached (see :func:`nca_kernels.losses.preference_metrics`).
     """
     beta, alpha = validation.check_loss_params(beta, alpha, loss_type)
+    validation.check_flags(recompute=recompute, return_metrics=return_metrics)
     hidden, weight, bias, labels, ignore_index, softcap = _head_inputs(hidden, weight, labels, bias, ignore_index,
-                                                                       shift, softcap, backend)
-    b, k = validation.check_group_tensors(rewards, ref_logps, hidden.shape[0], loss_type, hidden.device)
+                                                                       average, shift, softcap, backend)
+    b, k = validation.check_group_tensors(rewards, ref_logps, hidden.shape[0], loss_type, ("hidden", hidden))
     if recompute or not torch.is_grad_enabled():  # the group path forms gradients in its forward
-        logps = ops.LinearLogprobs.apply(hidden, weight, bias, labels, ignore_index, bool(average), backend,
+        logps = ops.LinearLogprobs.apply(hidden, weight, bias, labels, ignore_index, average, backend,
                                          softcap).view(b, k)
         per_prompt, model_rewards = losses.loss_terms(logps, ref_logps, rewards, beta, alpha, loss_type)
         loss = per_prompt.mean()
     else:
         loss, logps, model_rewards = ops.GroupedNCALoss.apply(
             hidden, weight, bias, labels, rewards, ref_logps, beta, alpha, loss_type,
-            ignore_index, bool(average), backend, softcap,
+            ignore_index, average, backend, softcap,
         )
     if not return_metrics:
         return loss
@@ -109,6 +112,7 @@ class FusedNCALoss(torch.nn.Module):
         beta, alpha = validation.check_loss_params(beta, alpha, loss_type)
         softcap = validation.check_softcap(softcap)
         validation.check_backend(backend)
+        validation.check_flags(average=average, shift=shift, recompute=recompute)
         self.beta, self.alpha, self.loss_type = beta, alpha, loss_type
         self.ignore_index, self.average, self.shift, self.softcap = ignore_index, average, shift, softcap
         self.recompute, self.backend = recompute, backend

@@ -78,7 +78,8 @@ def chunk_bytes(*, tile: int | None = None, group: int | None = None):
 # ``backward``: the schedule of both linear passes. ``"matmul"`` (default): (tokens x vocab) tiles
 # from cuBLAS, reduced by the from-logits kernels, and dH, dW from cuBLAS (scratch: one tile
 # budget); ``"fused"``: the fused Triton forward and backward above, which never write a tile
-# (the only ones that filter or are deterministic; either option also selects them).
+# (the only ones that filter or are deterministic; either option also selects them, except for
+# capped logits (``softcap``), which always take the matmul schedule).
 # Environment: ``NCA_KERNELS_FILTER_EPS``, ``NCA_KERNELS_DETERMINISTIC`` (1/0),
 # ``NCA_KERNELS_SCRATCH_BYTES``, ``NCA_KERNELS_TRITON_BACKWARD``; or :func:`set_triton_options` /
 # :func:`triton_options`.

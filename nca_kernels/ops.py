@@ -24,10 +24,14 @@ from .backends.torch_chunked import accum_dtype, cast, weight_grad_buffer
 
 def autocast_inputs(hidden, weight, bias):
     """Under autocast for hidden's device, hidden, weight and bias cast to its dtype (differentiably),
-    as the LM head's own matmul would be; float64 and non-tensors (left to validation) as they are."""
-    if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
+    as the LM head's own matmul would be; float64, non-tensors and devices without autocast (left to
+    validation) as they are."""
+    if not isinstance(hidden, torch.Tensor):
         return hidden, weight, bias
-    dtype = torch.get_autocast_dtype(hidden.device.type)
+    kind = hidden.device.type
+    if not (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(kind)
 
     def cast(x):
         return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64 else x

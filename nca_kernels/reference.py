@@ -27,8 +27,8 @@ def sequence_logprobs_from_logits(logits, labels, *, ignore_index=-100, average=
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = torch.log_softmax(logits.to(dtype), dim=-1)
     mask = labels != ignore_index
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-    out = picked.sum(-1)
+    picked = logp.gather(-1, torch.where(mask, labels, 0).unsqueeze(-1)).squeeze(-1)
+    out = torch.where(mask, picked, 0.0).sum(-1)  # not a product: token 0 may be banned (-inf)
     return out / mask.sum(-1).clamp(min=1) if average else out
 
 

@@ -31,6 +31,13 @@ def _number(name: str, x, kind: type = numbers.Real, what: str = "a float"):
     return int(x) if kind is numbers.Integral else float(x)
 
 
+def check_flags(**flags) -> None:
+    """Each flag must be a bool: a string such as ``"no"`` would otherwise read as True."""
+    for name, x in flags.items():
+        if not isinstance(x, bool):
+            raise TypeError(f"{name} must be a bool, got {type(x).__name__} {x!r}")
+
+
 def _same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
     for name, x in others.items():
         if x is not None and x.device != ref.device:
@@ -134,8 +141,10 @@ def check_policy_logps(policy_logps, rewards) -> None:
         )
 
 
-def check_group_tensors(rewards, ref_logps, num_sequences: int | None, loss_type: str, device) -> tuple[int, int]:
-    """rewards and ref_logps ``(B, K)``, finite, on ``device``; ``B*K == num_sequences`` if given.
+def check_group_tensors(rewards, ref_logps, num_sequences: int | None, loss_type: str,
+                        like: tuple[str, torch.Tensor]) -> tuple[int, int]:
+    """rewards and ref_logps ``(B, K)``, finite, on the device of ``like`` (its name and the tensor);
+    ``B*K == num_sequences`` if given.
 
     Returns ``(B, K)``.
     """
@@ -144,8 +153,7 @@ def check_group_tensors(rewards, ref_logps, num_sequences: int | None, loss_type
         _float(name, x)
         if x.dim() != 2:
             raise ValueError(f"{name} must be (B, K), got shape {tuple(x.shape)}")
-        if x.device != device:
-            raise ValueError(f"{name} is on {x.device}, expected {device}")
+    _same_device(*like, rewards=rewards, ref_logps=ref_logps)
     if rewards.shape != ref_logps.shape:
         raise ValueError(
             f"rewards has shape {tuple(rewards.shape)} but ref_logps has shape {tuple(ref_logps.shape)}"

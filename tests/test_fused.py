@@ -9,7 +9,7 @@ import torch
 import nca_kernels as nk
 from nca_kernels import reference as ref
 
-from .conftest import device_backends, make_batch
+from .conftest import IGNORE, device_backends, make_batch
 
 f64 = torch.float64
 DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
@@ -106,6 +106,17 @@ def test_sequence_logprobs_from_logits(device, backend, average, small_tiles):
 def test_fused_nca_loss(device, backend, recompute, loss_type, k, alpha, small_tiles):
     batch = make_batch(b=2, k=k, t=7, h=12, v=37, bias=k == 4, device=device, ties=alpha == 0.0, empty_seq=1)
     _check_fused_loss(batch, backend, recompute, beta=0.1, alpha=alpha, loss_type=loss_type, average=k == 3)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("recompute", [True, False])
+def test_ignore_index_past_the_vocabulary_and_a_banned_token(device, backend, recompute, small_tiles):
+    """A custom ignore_index >= V marks the prompts, and token 0 is banned (-inf bias): every
+    backend and the reference read only the response labels."""
+    batch = make_batch(b=2, k=2, t=8, h=8, v=29, bias=True, device=device, empty_seq=1)
+    batch.bias.detach()[0] = float("-inf")
+    batch.labels = torch.where(batch.labels == IGNORE, 29 + 7, batch.labels.clamp(min=1))
+    _check_fused_loss(batch, backend, recompute, beta=0.2, alpha=0.3, loss_type="infonca", ignore_index=29 + 7)
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -447,12 +458,26 @@ def test_gradcheck_softcap(recompute, group, small_tiles):
 
 
 @pytest.mark.skipif("triton" not in device_backends("cpu"), reason="needs TRITON_INTERPRET=1")
-def test_softcap_needs_the_matmul_schedule():
+@pytest.mark.parametrize("options", [{"backward": "fused"}, {"deterministic": True}, {"filter_eps": 0.5}])
+@pytest.mark.parametrize("recompute", [True, False])
+def test_softcap_takes_the_matmul_schedule_whatever_the_options(options, recompute):
+    """The fused kernels do not cap logits: with softcap the Triton options leave the matmul schedule
+    in place, in training and under no_grad alike (evaluation falls back to the recompute forward)."""
     from nca_kernels import config
 
-    batch = make_batch(b=1, k=2, t=4, h=8, v=17).cast(torch.float32)
-    with config.triton_options(backward="fused"), pytest.raises(ValueError, match="softcap runs on the matmul"):
-        nk.sequence_logprobs(batch.hidden, batch.weight, batch.labels, softcap=5.0, backend="triton")
+    batch = make_batch(b=1, k=2, t=6, h=8, v=17, device="cpu").cast(torch.float32)
+
+    def run(**opts):
+        with config.triton_options(**opts):
+            loss = nk.fused_nca_loss(batch.hidden, batch.weight, batch.labels, batch.rewards, batch.ref_logps,
+                                     beta=0.5, alpha=0.2, softcap=2.0, recompute=recompute, backend="triton")
+            with torch.no_grad():
+                evaluated = nk.fused_nca_loss(batch.hidden, batch.weight, batch.labels, batch.rewards,
+                                              batch.ref_logps, beta=0.5, alpha=0.2, softcap=2.0, backend="triton")
+        return loss, evaluated, *torch.autograd.grad(loss, batch.leaves())
+
+    for got, want in zip(run(**options), run()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device,backend", CASES)

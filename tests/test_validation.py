@@ -56,6 +56,10 @@ def _call(batch, **over):
         (lambda b: dict(softcap=math.inf), ValueError, "softcap must be a finite float > 0"),
         (lambda b: dict(softcap="30"), TypeError, "softcap must be a float or None"),
         (lambda b: dict(ignore_index=True), TypeError, "ignore_index must be an int"),
+        (lambda b: dict(average="no"), TypeError, "average must be a bool"),
+        (lambda b: dict(shift=1), TypeError, "shift must be a bool"),
+        (lambda b: dict(recompute=None), TypeError, "recompute must be a bool"),
+        (lambda b: dict(return_metrics="yes"), TypeError, "return_metrics must be a bool"),
         (lambda b: dict(hidden=b.hidden[:, :, :0], weight=b.weight[:, :0]), ValueError, "with H > 0"),
         (lambda b: dict(weight=b.weight[:0]), ValueError, "weight must be \\(V > 0"),
         (lambda b: dict(hidden=b.hidden[:0], labels=b.labels[:0], rewards=b.rewards[:0], ref_logps=b.ref_logps[:0]),
@@ -144,6 +148,10 @@ def test_device_mismatch_named():
     batch = make_batch(b=1, k=2, t=5, h=4, v=11, dtype=torch.float32, seed=0)
     with pytest.raises(ValueError, match="weight is on meta"):
         _call(batch, weight=torch.empty(11, 4, device="meta"))
+    with pytest.raises(ValueError, match="labels is on cpu but hidden is on meta"):  # a device without autocast
+        _call(batch, hidden=batch.hidden.to("meta"), weight=batch.weight.to("meta"))
+    with pytest.raises(ValueError, match="rewards is on cpu but policy_logps is on meta"):
+        nk.nca_loss(torch.zeros(1, 2, device="meta"), batch.ref_logps, batch.rewards, beta=0.1, alpha=0.1)
 
 
 def test_other_entry_points_validate(batch):
@@ -159,6 +167,10 @@ def test_other_entry_points_validate(batch):
         nk.sequence_logprobs(batch.hidden, batch.weight, batch.labels, backend="Torch")
     with pytest.raises(ValueError, match="loss_type must be one of"):
         nk.FusedNCALoss(loss_type="sigmoid")
+    with pytest.raises(TypeError, match="recompute must be a bool"):
+        nk.FusedNCALoss(recompute="False")
+    with pytest.raises(TypeError, match="average must be a bool"):
+        nk.sequence_logprobs_from_logits(torch.zeros(4, 5, 3), batch.labels, average=0, backend="torch")
     with pytest.raises(ValueError, match="tile must be a positive"):
         nk.set_chunk_bytes(tile=0)
     with pytest.raises(ValueError, match="tile must be a positive"):

@@ -3,7 +3,8 @@
 The four passes of the backend protocol (see :mod:`nca_kernels.backends`). The linear passes run,
 by default, as cuBLAS (tokens x vocab) tiles reduced by the from-logits kernels (``rowchunk``,
 faster on the H100 than the fused kernels); the fused kernels run them with
-``config.backward="fused"``, ``filter_eps`` or ``deterministic`` (see :mod:`nca_kernels.config`).
+``config.backward="fused"``, ``filter_eps`` or ``deterministic`` (see :mod:`nca_kernels.config`),
+except for capped logits (``softcap``), which the fused kernels do not compute.
 Runs on CUDA, and on CPU only under ``TRITON_INTERPRET=1`` (set before this module is imported).
 Inputs in bf16, fp16 or fp32 accumulate in float32; float64 inputs, which the GPU tensor cores do
 not serve, go to the chunked PyTorch backend. Under the interpreter (triton 3.7) float32 -> bf16 casts round toward
@@ -44,21 +45,13 @@ def _contiguous_rows(x):
     return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
-def _matmul_schedule() -> bool:
-    """Linear passes from cuBLAS tiles and the from-logits kernels, unless the fused kernels are
-    asked for (``config.backward="fused"``, or an option only they have)."""
-    return config.backward == "matmul" and not (config.deterministic or config.filter_eps)
-
-
 def _fused_schedule(softcap) -> bool:
-    """Whether the fused kernels run the linear passes (see :func:`_matmul_schedule`); they do not
-    cap logits, so a softcap with an option only they have is refused."""
-    if _matmul_schedule():
-        return False
-    if softcap is not None:
-        raise ValueError("softcap runs on the matmul schedule only: unset filter_eps and deterministic, and "
-                         "keep config.backward='matmul'")
-    return True
+    """Whether the fused kernels, which never write a tile, run the linear passes: when asked for
+    (``config.backward="fused"``, or an option only they have: ``filter_eps``, ``deterministic``)
+    and the logits are not capped, which they do not do. Capped logits always take the matmul
+    schedule, in every mode: it filters nothing and uses no atomics."""
+    asked = config.backward == "fused" or config.deterministic or bool(config.filter_eps)
+    return asked and softcap is None
 
 
 def linear_forward(hidden2d, weight, bias, index, targets, softcap=None):

@@ -55,14 +55,15 @@ def grad_tile(logits, offs_v, targets, lse, grad):
 
 @triton.jit
 def add_to(ptrs, value, mask, ATOMIC: tl.constexpr):
-    """``*ptrs += value`` (cast to the pointee dtype), by atomics or by a plain read-modify-write; the
-    barrier makes this program's earlier stores to ``ptrs`` (by other threads of its layout) visible."""
-    value = value.to(ptrs.dtype.element_ty)
+    """``*ptrs += value`` for a float32 ``value``, by atomics (of the pointee dtype) or by a plain
+    read-modify-write that adds in float32 and rounds once to the pointee dtype; the barrier makes
+    this program's earlier stores to ``ptrs`` (by other threads of its layout) visible."""
     if ATOMIC:
-        tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
+        tl.atomic_add(ptrs, value.to(ptrs.dtype.element_ty), mask=mask, sem="relaxed")
     else:
         tl.debug_barrier()
-        tl.store(ptrs, tl.load(ptrs, mask=mask) + value, mask=mask)
+        total = tl.load(ptrs, mask=mask).to(tl.float32) + value
+        tl.store(ptrs, total.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -543,3 +543,64 @@ def test_index_none_covers_every_row(device, backend):
     for got, want in zip(be.linear_backward(h2d, w, bias, None, targets, lse, g, (True, True, True)),
                          be.linear_backward(h2d, w, bias, everything, targets, lse, g, (True, True, True))):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_matmul_tile_passes_in_float64(softcap):
+    """The (tokens x vocab) tile passes that the GPU backends run by default (``rowchunk``), here on
+    the torch backend's from-logits passes in float64: several token chunks and vocabulary tiles
+    whose edges cut through the labels, against the torch backend's own passes."""
+    from nca_kernels.backends import rowchunk, torch_chunked as be
+
+    batch = make_batch(b=2, k=2, t=9, h=8, v=37, bias=True, seed=8)
+    h2d, w, bias = (x.detach() for x in (batch.hidden.reshape(-1, 8), batch.weight, batch.bias))
+    index = (batch.labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
+    targets = batch.labels.reshape(-1)[index]
+    with nk.chunk_bytes(tile=2 * 5 * (8 + 8) * 8):  # 5-token chunks by 16-column tiles
+        assert rowchunk.tile_shape(index.numel(), w) == (5, 16)
+        got = rowchunk.linear_forward(be, h2d, w, bias, index, targets, softcap)
+        want = be.linear_forward(h2d, w, bias, index, targets, softcap)
+        g = torch.randn_like(want[0])
+        got += rowchunk.linear_backward(be, h2d, w, bias, index, targets, want[0], g, (True, True, True), softcap)
+        want += be.linear_backward(h2d, w, bias, index, targets, want[0], g, (True, True, True), softcap)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_logits_backward_in_place_zeroes_rows_outside_index():
+    from nca_kernels.backends import torch_chunked as be
+
+    logits = torch.randn(7, 11, dtype=f64)
+    index = torch.tensor([1, 4, 5])
+    targets = torch.tensor([0, 10, 3])
+    lse, _ = be.logits_forward(logits, index, targets)
+    g = torch.randn(3, dtype=f64)
+    fresh = be.logits_backward(logits, index, targets, lse, g, False)
+    buf = logits.clone()
+    assert be.logits_backward(buf, index, targets, lse, g, True).data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(buf, fresh, rtol=0, atol=0)
+    assert buf[[0, 2, 3, 6]].abs().max() == 0 and buf[index].abs().min() > 0
+
+
+def test_module_passes_its_options():
+    batch = make_batch(b=2, k=3, t=7, h=8, v=23, bias=True)
+    kw = dict(beta=0.3, alpha=0.2, loss_type="nca", average=True, shift=True, softcap=2.0, recompute=False,
+              backend="torch")
+    module = nk.FusedNCALoss(**kw)
+    args = (batch.hidden, batch.weight, batch.labels, batch.rewards, batch.ref_logps)
+    got = module(*args, bias=batch.bias)
+    expected = nk.fused_nca_loss(*args, bias=batch.bias, **kw)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for a, b in zip(torch.autograd.grad(got, batch.leaves()), torch.autograd.grad(expected, batch.leaves())):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    plain = nk.fused_nca_loss(*args, bias=batch.bias, beta=0.3, alpha=0.2, backend="torch")
+    assert not torch.allclose(got, plain)
+
+
+def test_autocast_leaves_float64_alone():
+    batch = make_batch(b=1, k=2, t=6, h=8, v=19, bias=True)
+    expected = nk.sequence_logprobs(batch.hidden, batch.weight, batch.labels, bias=batch.bias, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = nk.sequence_logprobs(batch.hidden, batch.weight, batch.labels, bias=batch.bias, backend="torch")
+    assert got.dtype == f64
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

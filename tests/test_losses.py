@@ -139,3 +139,25 @@ def test_low_precision_policy_computed_in_float32():
 def test_soft_labels_of_extreme_rewards_stay_finite():
     for rewards, alpha in ((torch.tensor([[5.0, 4.0]]), 1e-38), (torch.tensor([[1e36, 0.0]]), 1e-3)):
         torch.testing.assert_close(soft_labels(rewards, alpha), torch.tensor([[1.0, 0.0]]))
+
+
+def test_metrics_ties_and_negative_rewards():
+    """Accuracy is strict (a tie, as at step 0, is wrong) and compares with the best other response
+    even when every model reward is negative."""
+    rewards = torch.tensor([[3.0, 2.0, 1.0]])
+    tied = preference_metrics(torch.zeros(1, 3), torch.zeros(1, 3), rewards)
+    assert tied["accuracy"].item() == 0.0 and tied["margin"].item() == 0.0
+    m = preference_metrics(torch.zeros(1, 3), torch.tensor([[-1.0, -2.0, -3.0]]), rewards, per_prompt=True)
+    torch.testing.assert_close(m["accuracy"], torch.tensor([1.0]))
+    torch.testing.assert_close(m["margin"], torch.tensor([1.5]))
+    wrong = preference_metrics(torch.zeros(1, 3), torch.tensor([[-2.0, -1.0, -3.0]]), rewards)
+    assert wrong["accuracy"].item() == 0.0
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "nca_pair"])
+def test_pair_aliases_ignore_alpha(loss_type):
+    g = torch.Generator().manual_seed(3)
+    policy, ref, rewards = (torch.randn(4, 2, generator=g, dtype=f64) for _ in range(3))
+    at_zero = nk.nca_loss(policy, ref, rewards, beta=0.5, alpha=0.0, loss_type=loss_type)
+    torch.testing.assert_close(nk.nca_loss(policy, ref, rewards, beta=0.5, alpha=0.7, loss_type=loss_type), at_zero,
+                               rtol=0, atol=0)

@@ -45,15 +45,15 @@ def test_meter_sees_naive_logits(batch):
 def test_recompute_peak_is_gradients_plus_one_tile(batch, tile):
     with nk.chunk_bytes(tile=tile):
         peak = peak_bytes(_fwd_bwd(batch, recompute=True), CPU)
-    # a tile, its matmul operands and O(tokens) statistics: a few tiles at most
-    assert _grad_bytes(batch) <= peak <= _grad_bytes(batch) + 4 * tile + (64 << 10)
+    # a tile, its token rows and O(tokens) statistics: measured 1.5 tiles and 95 KiB
+    assert _grad_bytes(batch) <= peak <= _grad_bytes(batch) + 1.6 * tile + (128 << 10)
 
 
 @pytest.mark.parametrize("group", [512 << 10, 2 << 20])
 def test_grouped_peak_is_gradients_plus_one_chunk(batch, group):
     with nk.chunk_bytes(group=group):
         peak = peak_bytes(_fwd_bwd(batch, recompute=False), CPU)
-    assert _grad_bytes(batch) <= peak <= _grad_bytes(batch) + 1.5 * group + (64 << 10)
+    assert _grad_bytes(batch) <= peak <= _grad_bytes(batch) + 1.1 * group + (64 << 10)  # measured 1.0 group
 
 
 def test_from_logits_never_copies_the_logits():

@@ -56,6 +56,14 @@ def _call(batch, **over):
         (lambda b: dict(softcap=math.inf), ValueError, "softcap must be a finite float > 0"),
         (lambda b: dict(softcap="30"), TypeError, "softcap must be a float or None"),
         (lambda b: dict(ignore_index=True), TypeError, "ignore_index must be an int"),
+        (lambda b: dict(bias=[0.0] * 11), TypeError, "bias must be a torch.Tensor"),
+        (lambda b: dict(bias=torch.zeros(11, device="meta")), ValueError, "bias is on meta"),
+        (lambda b: dict(rewards=b.rewards.long()), TypeError, "rewards must be a floating"),
+        (lambda b: dict(rewards=b.rewards.to("meta")), ValueError, "rewards is on meta"),
+        (lambda b: dict(softcap=-1.0), ValueError, "softcap must be a finite float > 0"),
+        (lambda b: dict(loss_type=["nca"]), ValueError, "loss_type must be one of"),
+        (lambda b: dict(alpha=math.nan), ValueError, "alpha must be finite"),
+        (lambda b: dict(alpha=math.inf), ValueError, "alpha must be finite"),
         (lambda b: dict(average="no"), TypeError, "average must be a bool"),
         (lambda b: dict(shift=1), TypeError, "shift must be a bool"),
         (lambda b: dict(recompute=None), TypeError, "recompute must be a bool"),
@@ -69,6 +77,21 @@ def _call(batch, **over):
 def test_fused_nca_loss_rejects(batch, over, exc, match):
     with pytest.raises(exc, match=match):
         _call(batch, **over(batch))
+
+
+@pytest.mark.parametrize("position", [1, -1])
+def test_shift_checks_every_label_it_reads(batch, position):
+    labels = batch.labels.clone()
+    labels[:, position] = 10**6
+    with pytest.raises(ValueError, match="outside"):
+        _call(batch, labels=labels, shift=True)
+
+
+def test_numbers_read_as_floats(batch):
+    """Any real number (a Fraction here) is read as the Python float it equals."""
+    from fractions import Fraction
+
+    torch.testing.assert_close(_call(batch, beta=Fraction(1, 10), alpha=Fraction(1, 10)), _call(batch), rtol=0, atol=0)
 
 
 def test_numpy_scalars_accepted(batch):
@@ -129,6 +152,32 @@ def test_environment_variables_applied(monkeypatch):
     monkeypatch.setenv("NCA_KERNELS_WEIGHT_GRAD_ACCUM", "float32")
     config._from_environment()
     assert (config.tile_bytes, config.deterministic, config.weight_grad_accum) == (4096, True, "float32")
+    tile = config.tile_bytes
+    for name, value in (("NCA_KERNELS_TILE_BYTES", ""), ("NCA_KERNELS_DETERMINISTIC", "0"),
+                        ("NCA_KERNELS_GROUP_BYTES", "8192"), ("NCA_KERNELS_SCRATCH_BYTES", "4096"),
+                        ("NCA_KERNELS_FILTER_EPS", "0.25")):
+        monkeypatch.setenv(name, value)
+    for option in ("group_bytes", "scratch_bytes", "filter_eps"):
+        monkeypatch.setattr(config, option, getattr(config, option))
+    config._from_environment()
+    assert (config.tile_bytes, config.deterministic, config.group_bytes) == (tile, False, 8192)
+    assert (config.scratch_bytes, config.filter_eps) == (4096, 0.25)
+
+
+def test_context_managers_restore_the_options():
+    from nca_kernels import config
+
+    saved = (config.tile_bytes, config.group_bytes, config.filter_eps, config.deterministic, config.backward,
+             config.scratch_bytes, config.weight_grad_accum)
+    with nk.chunk_bytes(tile=4096, group=8192):
+        assert (config.tile_bytes, config.group_bytes) == (4096, 8192)
+    with config.triton_options(filter_eps=0.5, deterministic=True, backward="fused", scratch_bytes=1024):
+        assert (config.filter_eps, config.deterministic, config.backward, config.scratch_bytes) == (0.5, True,
+                                                                                                    "fused", 1024)
+    with config.weight_grad_accumulation("float32"):
+        assert config.weight_grad_accum == "float32"
+    assert (config.tile_bytes, config.group_bytes, config.filter_eps, config.deterministic, config.backward,
+            config.scratch_bytes, config.weight_grad_accum) == saved
 
 
 def test_pair_aliases_need_k2():
@@ -171,6 +220,16 @@ def test_other_entry_points_validate(batch):
         nk.FusedNCALoss(recompute="False")
     with pytest.raises(TypeError, match="average must be a bool"):
         nk.sequence_logprobs_from_logits(torch.zeros(4, 5, 3), batch.labels, average=0, backend="torch")
+    with pytest.raises(ValueError, match="with V > 0"):
+        nk.sequence_logprobs_from_logits(torch.zeros(4, 5, 0), batch.labels, backend="torch")
+    with pytest.raises(TypeError, match="logits must be a floating"):
+        nk.sequence_logprobs_from_logits(torch.zeros(4, 5, 3, dtype=torch.int64), batch.labels, backend="torch")
+    with pytest.raises(ValueError, match="labels is on meta"):
+        nk.sequence_logprobs_from_logits(torch.zeros(4, 5, 3), batch.labels.to("meta"), backend="torch")
+    for bad, match in ((dict(filter_eps=1.0), "filter_eps must be"), (dict(scratch_bytes=0), "scratch_bytes must"),
+                       (dict(deterministic=1), "deterministic must be a bool")):
+        with pytest.raises((TypeError, ValueError), match=match):
+            nk.config.set_triton_options(**bad)
     with pytest.raises(ValueError, match="tile must be a positive"):
         nk.set_chunk_bytes(tile=0)
     with pytest.raises(ValueError, match="tile must be a positive"):

@@ -550,7 +550,8 @@ def test_matmul_tile_passes_in_float64(softcap):
     """The (tokens x vocab) tile passes that the GPU backends run by default (``rowchunk``), here on
     the torch backend's from-logits passes in float64: several token chunks and vocabulary tiles
     whose edges cut through the labels, against the torch backend's own passes."""
-    from nca_kernels.backends import rowchunk, torch_chunked as be
+    from nca_kernels.backends import rowchunk
+    from nca_kernels.backends import torch_chunked as be
 
     batch = make_batch(b=2, k=2, t=9, h=8, v=37, bias=True, seed=8)
     h2d, w, bias = (x.detach() for x in (batch.hidden.reshape(-1, 8), batch.weight, batch.bias))

@@ -256,6 +256,30 @@ def test_low_precision_against_float64(dtype, recompute):
         assert (g.to(f64) - e).abs().max() <= 3e-2 * e.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_modes_agree_on_peaked_logits(dtype, small_tiles):
+    """On trained-looking logits (the label's probability near 0.9) the two modes read the same
+    rounded logits for the target and the logsumexp: equal log-probs, within naive's error."""
+    g = torch.Generator().manual_seed(5)
+    s, t, h, v = 4, 16, 32, 300
+    weight = torch.randn(v, h, generator=g, dtype=f64) / h**0.5 * 3
+    labels = torch.randint(0, v, (s, t), generator=g)
+    target_w = weight[labels]
+    hidden = torch.randn(s, t, h, generator=g, dtype=f64) + 18 * target_w / target_w.square().sum(-1, keepdim=True)
+    hl, wl = hidden.to(dtype), weight.to(dtype)
+    exact = torch.log_softmax(hl.double() @ wl.double().t(), -1)
+    assert exact.exp().gather(-1, labels[..., None]).mean() > 0.8  # peaked
+    want = exact.gather(-1, labels[..., None]).squeeze(-1).sum(-1)
+    naive = ref.sequence_logprobs(hl, wl, labels)
+    zeros = torch.zeros(s // 2, 2, dtype=f64)
+    modes = [nk.fused_nca_loss(hl.requires_grad_(), wl, labels, zeros, zeros, beta=0.1, alpha=0.1, recompute=r,
+                               backend="torch", return_metrics=True)[1]["policy_logps"].reshape(-1)
+             for r in (True, False)]
+    torch.testing.assert_close(modes[0], modes[1], rtol=1e-6, atol=1e-5)
+    for got in modes:
+        assert (got.double() - want).abs().max() <= 1.1 * (naive.double() - want).abs().max() + 1e-5
+
+
 @pytest.mark.parametrize("recompute", [True, False])
 def test_chunking_does_not_change_results(recompute):
     batch = make_batch(b=3, k=2, t=9, h=10, v=101, bias=True, dtype=torch.float32)

@@ -56,6 +56,19 @@ def test_grouped_peak_is_gradients_plus_one_chunk(batch, group):
     assert _grad_bytes(batch) <= peak <= _grad_bytes(batch) + 1.1 * group + (64 << 10)  # measured 1.0 group
 
 
+def test_wide_hidden_rows_are_counted():
+    """H=512 beside V=1024: the token rows (gathered hidden, dH) weigh as much as the logits, and
+    both budgets count them. Recompute: one tile of logits and two of token rows (measured 3.2
+    tiles); group: a chunk's logits and its rows within the budget (measured 0.8)."""
+    batch = make_batch(b=2, k=2, t=128, h=512, v=1024, dtype=torch.float32, seed=3)
+    with nk.chunk_bytes(tile=64 << 10):
+        peak = peak_bytes(_fwd_bwd(batch, recompute=True), CPU)
+    assert _grad_bytes(batch) <= peak <= _grad_bytes(batch) + 3.3 * (64 << 10) + (128 << 10)
+    with nk.chunk_bytes(group=512 << 10):
+        peak = peak_bytes(_fwd_bwd(batch, recompute=False), CPU)
+    assert _grad_bytes(batch) <= peak <= _grad_bytes(batch) + 1.1 * (512 << 10) + (64 << 10)
+
+
 def test_from_logits_never_copies_the_logits():
     batch = make_batch(b=2, k=2, t=64, h=8, v=4096, dtype=torch.bfloat16, seed=1)
     logits = (batch.hidden @ batch.weight.t()).detach().requires_grad_()

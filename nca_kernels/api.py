@@ -16,16 +16,16 @@ def _shifted(labels: torch.Tensor, ignore_index: int, shift: bool) -> torch.Tens
     return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
 
 
-def _head_inputs(hidden, weight, labels, bias, ignore_index, average, shift, softcap, backend):
+def _head_inputs(hidden, weight, labels, *, bias, ignore_index, average, shift, softcap, backend):
     """The LM-head arguments checked and normalised, shared by the entry points that take them:
-    ``(hidden, weight, bias, labels, ignore_index, softcap)`` with the autocast cast applied and
-    the labels shifted when asked."""
+    ``(hidden, weight, bias, labels, ignore_index, average, softcap)`` with the autocast cast applied
+    and the labels shifted when asked."""
     hidden, weight, bias = ops.autocast_inputs(hidden, weight, bias)
     validation.check_backend(backend)
-    validation.check_flags(average=average, shift=shift)
+    average, shift = validation.check_flag("average", average), validation.check_flag("shift", shift)
     softcap = validation.check_softcap(softcap)
     ignore_index = validation.check_hidden_inputs(hidden, weight, labels, bias, ignore_index, shift)
-    return hidden, weight, bias, _shifted(labels, ignore_index, shift), ignore_index, softcap
+    return hidden, weight, bias, _shifted(labels, ignore_index, shift), ignore_index, average, softcap
 
 
 def sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, average=False, shift=False,
@@ -41,8 +41,9 @@ def sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, a
     float64 inputs); a sequence with no response tokens gets 0. ``average=True`` divides by the
     number of response tokens.
     """
-    hidden, weight, bias, labels, ignore_index, softcap = _head_inputs(hidden, weight, labels, bias, ignore_index,
-                                                                       average, shift, softcap, backend)
+    hidden, weight, bias, labels, ignore_index, average, softcap = _head_inputs(
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, average=average, shift=shift, softcap=softcap,
+        backend=backend)
     return ops.LinearLogprobs.apply(hidden, weight, bias, labels, ignore_index, average, backend, softcap)
 
 
@@ -51,7 +52,7 @@ def sequence_logprobs_from_logits(logits, labels, *, ignore_index=-100, average=
     """Per-sequence log-probs ``(S,)`` from logits ``(S, T, V)`` (any float dtype), read in chunks;
     ``shift`` as in :func:`sequence_logprobs`."""
     validation.check_backend(backend)
-    validation.check_flags(average=average, shift=shift)
+    average, shift = validation.check_flag("average", average), validation.check_flag("shift", shift)
     ignore_index = validation.check_logits_inputs(logits, labels, ignore_index, shift)
     labels = _shifted(labels, ignore_index, shift)
     return ops.LogitsLogprobs.apply(logits, labels, ignore_index, average, backend)
@@ -62,7 +63,7 @@ def nca_loss(policy_logps, ref_logps, rewards, *, beta, alpha, loss_type="nca"):
     policy_logps (rewards and ref_logps are constants); computed in float32 at least."""
     beta, alpha = validation.check_loss_params(beta, alpha, loss_type)
     validation.check_policy_logps(policy_logps, rewards)
-    validation.check_group_tensors(rewards, ref_logps, None, loss_type, ("policy_logps", policy_logps))
+    validation.check_group_tensors(rewards, ref_logps, None, loss_type, "policy_logps", policy_logps)
     per_prompt, _ = losses.loss_terms(policy_logps, ref_logps, rewards, beta, alpha, loss_type)
     return per_prompt.mean()
 
@@ -83,10 +84,12 @@ def fused_nca_loss(hidden, weight, labels, rewards, ref_logps, *, beta, alpha, l
     metrics being detached (see :func:`nca_kernels.losses.preference_metrics`).
     """
     beta, alpha = validation.check_loss_params(beta, alpha, loss_type)
-    validation.check_flags(recompute=recompute, return_metrics=return_metrics)
-    hidden, weight, bias, labels, ignore_index, softcap = _head_inputs(hidden, weight, labels, bias, ignore_index,
-                                                                       average, shift, softcap, backend)
-    b, k = validation.check_group_tensors(rewards, ref_logps, hidden.shape[0], loss_type, ("hidden", hidden))
+    recompute = validation.check_flag("recompute", recompute)
+    return_metrics = validation.check_flag("return_metrics", return_metrics)
+    hidden, weight, bias, labels, ignore_index, average, softcap = _head_inputs(
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, average=average, shift=shift, softcap=softcap,
+        backend=backend)
+    b, k = validation.check_group_tensors(rewards, ref_logps, hidden.shape[0], loss_type, "hidden", hidden)
     if recompute or not torch.is_grad_enabled():  # the group path forms gradients in its forward
         logps = ops.LinearLogprobs.apply(hidden, weight, bias, labels, ignore_index, average, backend,
                                          softcap).view(b, k)
@@ -112,7 +115,8 @@ class FusedNCALoss(torch.nn.Module):
         beta, alpha = validation.check_loss_params(beta, alpha, loss_type)
         softcap = validation.check_softcap(softcap)
         validation.check_backend(backend)
-        validation.check_flags(average=average, shift=shift, recompute=recompute)
+        average, shift, recompute = (validation.check_flag(name, x) for name, x in
+                                     (("average", average), ("shift", shift), ("recompute", recompute)))
         self.beta, self.alpha, self.loss_type = beta, alpha, loss_type
         self.ignore_index, self.average, self.shift, self.softcap = ignore_index, average, shift, softcap
         self.recompute, self.backend = recompute, backend

@@ -73,7 +73,9 @@ def chunk_bytes(*, tile: int | None = None, group: int | None = None):
 # Zipf-like logits whose entries below it hold 6% of the mass: dH 4%, dW 0.7% (relative norm),
 # for a 2.3x faster forward + backward (benchmarks/results/triton_h100.json).
 # ``deterministic``: split backward passes without atomics (one over token tiles writes dH, one over
-# vocabulary tiles writes dW and db), bitwise reproducible, slower. ``scratch_bytes``: the float32
+# vocabulary tiles writes dW and db), bitwise reproducible, slower. (The per-sequence sums use
+# ``index_add_``, whose CUDA atomics may change the last bits of the log-probs between runs unless
+# ``torch.use_deterministic_algorithms(True)``.) ``scratch_bytes``: the float32
 # dH accumulator of the backward for 16-bit inputs covers at most this many bytes of token rows.
 # ``backward``: the schedule of both linear passes. ``"matmul"`` (default): (tokens x vocab) tiles
 # from cuBLAS, reduced by the from-logits kernels, and dH, dW from cuBLAS (scratch: one tile

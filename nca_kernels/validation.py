@@ -31,11 +31,14 @@ def _number(name: str, x, kind: type = numbers.Real, what: str = "a float"):
     return int(x) if kind is numbers.Integral else float(x)
 
 
-def check_flags(**flags) -> None:
-    """Each flag must be a bool: a string such as ``"no"`` would otherwise read as True."""
-    for name, x in flags.items():
-        if not isinstance(x, bool):
-            raise TypeError(f"{name} must be a bool, got {type(x).__name__} {x!r}")
+def check_flag(name: str, x) -> bool:
+    """``x`` as a Python bool: a bool or a NumPy bool only (a string such as ``"no"`` would otherwise
+    read as True)."""
+    if isinstance(x, bool):
+        return x
+    if type(x).__module__ == "numpy" and isinstance(getattr(x, "item", lambda: None)(), bool):
+        return x.item()
+    raise TypeError(f"{name} must be a bool, got {type(x).__name__} {x!r}")
 
 
 def _same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
@@ -141,10 +144,10 @@ def check_policy_logps(policy_logps, rewards) -> None:
         )
 
 
-def check_group_tensors(rewards, ref_logps, num_sequences: int | None, loss_type: str,
-                        like: tuple[str, torch.Tensor]) -> tuple[int, int]:
-    """rewards and ref_logps ``(B, K)``, finite, on the device of ``like`` (its name and the tensor);
-    ``B*K == num_sequences`` if given.
+def check_group_tensors(rewards, ref_logps, num_sequences: int | None, loss_type: str, like_name: str,
+                        like: torch.Tensor) -> tuple[int, int]:
+    """rewards and ref_logps ``(B, K)``, finite, on the device of ``like`` (named ``like_name`` in
+    errors); ``B*K == num_sequences`` if given.
 
     Returns ``(B, K)``.
     """
@@ -153,7 +156,7 @@ def check_group_tensors(rewards, ref_logps, num_sequences: int | None, loss_type
         _float(name, x)
         if x.dim() != 2:
             raise ValueError(f"{name} must be (B, K), got shape {tuple(x.shape)}")
-    _same_device(*like, rewards=rewards, ref_logps=ref_logps)
+    _same_device(like_name, like, rewards=rewards, ref_logps=ref_logps)
     if rewards.shape != ref_logps.shape:
         raise ValueError(
             f"rewards has shape {tuple(rewards.shape)} but ref_logps has shape {tuple(ref_logps.shape)}"

@@ -171,10 +171,11 @@ def test_fused_backward_ignores_rows_past_the_tokens():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("schedule", ["fused", "deterministic"])
 def test_fused_16bit_weight_grad_summed_in_its_dtype(dtype, schedule):
-    """dW of 16-bit weights summed over several token tiles in the weight's dtype: each
-    read-modify-write adds in float32 and rounds once (the interpreter's bf16 + bf16 gave 1e36 here,
-    and on a GPU it would round twice). Against the float64 reference on the same rounded inputs.
-    (0.2% for the torch backend in bf16; several truncations toward zero in the interpreter.)"""
+    """dW of 16-bit weights summed over several token tiles in the weight's dtype: the deterministic
+    schedule's read-modify-write adds in float32 and rounds once (the interpreter's bf16 + bf16 gave
+    1e36 here, and on a GPU it would round twice); the fused schedule's atomics add in the weight's
+    dtype. Against the float64 reference on the same rounded inputs (the torch backend: 0.2% in
+    bf16; the interpreter truncates toward zero)."""
     if schedule == "fused" and DEVICE == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the interpreter has no bf16 atomics")
     batch = make_batch(b=2, k=4, t=9, h=20, v=37, bias=True, device=DEVICE, seed=14)

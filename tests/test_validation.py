@@ -99,7 +99,7 @@ def test_numpy_scalars_accepted(batch):
     np = pytest.importorskip("numpy")
     expected = _call(batch)
     got = _call(batch, beta=np.float32(0.1), alpha=np.float64(0.1), ignore_index=np.int64(-100),
-                softcap=None)
+                softcap=None, average=np.bool_(False), recompute=np.bool_(True))
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
 
 

@@ -49,7 +49,7 @@ def _fused_schedule(softcap) -> bool:
     """Whether the fused kernels, which never write a tile, run the linear passes: when asked for
     (``config.backward="fused"``, or an option only they have: ``filter_eps``, ``deterministic``)
     and the logits are not capped, which they do not do. Capped logits always take the matmul
-    schedule, in every mode: it filters nothing and uses no atomics."""
+    schedule, in every mode: it filters nothing, and its linear passes use no atomics."""
     asked = config.backward == "fused" or config.deterministic or bool(config.filter_eps)
     return asked and softcap is None
 

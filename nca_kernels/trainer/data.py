@@ -28,6 +28,7 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 IGNORE_INDEX = -100
 TOKENIZED_COLUMNS = ("prompt_ids", "response_ids", "rewards")
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the collator's rewards and ref_logps are float32
 
 
 def load_reward_dataset(path: str) -> Dataset:
@@ -73,6 +74,9 @@ def _ultrafeedback_k(columns) -> int:
     return k
 
 
+TRL_REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
 def _row_fields(row: dict, fmt: str, k_cols: int) -> tuple:
     """``(prompt, responses, rewards, ref_logps or None)`` of a row; precomputed reference log-probs
     come from a ``ref_logps`` column (K floats), or TRL's ``ref_chosen_logps`` / ``ref_rejected_logps``."""
@@ -82,8 +86,8 @@ def _row_fields(row: dict, fmt: str, k_cols: int) -> tuple:
     if fmt == "ultrafeedback":
         return (row["prompt"], [row[f"A{i}"] for i in range(k_cols)], [row[f"score_A{i}"] for i in range(k_cols)],
                 ref)
-    if ref is None and "ref_chosen_logps" in row:
-        ref = [row["ref_chosen_logps"], row.get("ref_rejected_logps")]
+    if ref is None and any(c in row for c in TRL_REF_COLUMNS):
+        ref = [row.get(c) for c in TRL_REF_COLUMNS]
     return row["prompt"], [row["chosen"], row["rejected"]], [1.0, 0.0], ref
 
 
@@ -114,9 +118,10 @@ def _check_row(idx: int, prompt, responses, rewards, ref_logps, k: int, k_given:
         if len(values) != len(responses):
             raise ValueError(f"row {idx}: {len(responses)} responses but {len(values)} {name} values")
         for i, r in enumerate(values):
-            if r is None or isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
-                raise ValueError(f"row {idx}: {name} {i} is {r!r}, expected a finite number (a NaN reads as None "
-                                 "from parquet)")
+            if (r is None or isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r)
+                    or abs(r) > FLOAT32_MAX):
+                raise ValueError(f"row {idx}: {name} {i} is {r!r}, expected a finite number within float32 (a NaN "
+                                 "reads as None from parquet)")
 
 
 def normalize(dataset: Dataset, k: int | None = None) -> tuple[Dataset, str]:
@@ -133,7 +138,10 @@ def normalize(dataset: Dataset, k: int | None = None) -> tuple[Dataset, str]:
     k_given = k is not None
     if k is None:
         k = len(_row_fields(dataset[0], fmt, k_cols)[1] or [])
-    has_ref = "ref_logps" in dataset.column_names or (fmt == "pairwise" and "ref_chosen_logps" in dataset.column_names)
+    trl = [c for c in TRL_REF_COLUMNS if c in dataset.column_names]
+    if trl and fmt != "pairwise":
+        raise ValueError(f"columns {trl} belong to the pairwise layout; the {fmt} layout takes ref_logps (K numbers)")
+    has_ref = "ref_logps" in dataset.column_names or bool(trl)
 
     def convert(row, idx):
         prompt, responses, rewards, ref = _row_fields(row, fmt, k_cols)
@@ -151,18 +159,23 @@ def _is_messages(x) -> bool:
     return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
 
 
-def _render(idx: int, prompt, response, tokenizer) -> tuple[str, str, bool]:
-    """Prompt and response text; the flag says whether special tokens are already in the text."""
-    chat = _is_messages(prompt) or _is_messages(response)
+def _turns(messages: list[dict]) -> list[tuple]:
+    """The (role, content) of each message (a dataset may add other keys, as None, to every message)."""
+    return [(m["role"], m["content"]) for m in messages]
+
+
+def _render(idx: int, prompt, response, tokenizer, chat: bool) -> tuple[str, str]:
+    """Prompt and response text: plain strings, or with ``chat`` (any message list in the row) the
+    chat template's rendering, which holds its own special tokens."""
     if not chat:
         if not isinstance(prompt, str) or not isinstance(response, str):
             raise ValueError(f"row {idx}: prompt and responses must be strings or chat message lists")
-        return prompt, response, False
+        return prompt, response
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"row {idx}: chat messages given but the tokenizer has no chat template")
     p_msgs = prompt if _is_messages(prompt) else [{"role": "user", "content": prompt}]
     r_msgs = response if _is_messages(response) else [{"role": "assistant", "content": response}]
-    if r_msgs[: len(p_msgs)] == p_msgs:
+    if _turns(r_msgs[: len(p_msgs)]) == _turns(p_msgs):
         r_msgs = r_msgs[len(p_msgs):]
     if not r_msgs:
         raise ValueError(f"row {idx}: a response holds no message beyond the prompt")
@@ -170,7 +183,7 @@ def _render(idx: int, prompt, response, tokenizer) -> tuple[str, str, bool]:
     full = tokenizer.apply_chat_template(p_msgs + r_msgs, tokenize=False)
     if not full.startswith(p_text):
         raise ValueError(f"row {idx}: the chat template does not render the prompt as a prefix of the conversation")
-    return p_text, full[len(p_text):], True
+    return p_text, full[len(p_text):]
 
 
 def _leading_special_tokens(tokenizer) -> list[int]:
@@ -185,17 +198,23 @@ def _leading_special_tokens(tokenizer) -> list[int]:
 
 def tokenize(dataset: Dataset, tokenizer, max_length: int, max_prompt_length: int) -> Dataset:
     """Token ids per row: ``prompt_ids``, ``response_ids`` (K lists), ``rewards``; see the module doc."""
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"need 0 < max_prompt_length < max_length, got max_prompt_length={max_prompt_length} and "
+                         f"max_length={max_length}")
     eos = tokenizer.eos_token_id
     lead = _leading_special_tokens(tokenizer)
 
     def encode(row, idx):
         prompt_ids, responses = None, []
+        chat = _is_messages(row["prompt"]) or any(_is_messages(r) for r in row["responses"])
         for response in row["responses"]:
-            p_text, r_text, templated = _render(idx, row["prompt"], response, tokenizer)
+            p_text, r_text = _render(idx, row["prompt"], response, tokenizer, chat)
             if prompt_ids is None:  # the tokenizer's leading tokens (BOS) only: never an EOS after the prompt
-                prompt_ids = (lead if not templated else []) + tokenizer(p_text, add_special_tokens=False)["input_ids"]
+                prompt_ids = (lead if not chat else []) + tokenizer(p_text, add_special_tokens=False)["input_ids"]
+                if not prompt_ids:  # nothing would predict the first response token
+                    raise ValueError(f"row {idx}: the prompt has no tokens (and the tokenizer adds no BOS)")
             ids = tokenizer(r_text, add_special_tokens=False)["input_ids"]
-            if not templated and eos is not None and (not ids or ids[-1] != eos):
+            if not chat and eos is not None and (not ids or ids[-1] != eos):
                 ids = ids + [eos]
             if not ids:  # its log-prob would be 0: probability one, whatever the model
                 raise ValueError(f"row {idx}: response {len(responses)} has no tokens (empty, and no EOS to end it)")
@@ -212,7 +231,7 @@ def tokenize(dataset: Dataset, tokenizer, max_length: int, max_prompt_length: in
 
 def prepare_dataset(dataset: Dataset, tokenizer, max_length: int, max_prompt_length: int,
                     k: int | None = None) -> tuple[Dataset, str]:
-    """Validate and tokenise a dataset in any accepted layout; a tokenised one is only checked.
+    """Validate and tokenise a dataset in any accepted layout; a tokenised one is checked row by row.
 
     Returns the dataset (``prompt_ids``, ``response_ids``, ``rewards`` and ``ref_logps`` when
     present) and its format (``"tokenized"`` for an already tokenised one).
@@ -223,9 +242,11 @@ def prepare_dataset(dataset: Dataset, tokenizer, max_length: int, max_prompt_len
     if set(TOKENIZED_COLUMNS) <= set(dataset.column_names):
         k_given = k is not None
         k = k if k_given else len(dataset[0]["response_ids"])
-        for idx, n in enumerate(map(len, dataset["response_ids"])):
-            if n != k:
-                raise _k_mismatch(idx, n, k, k_given)
+        refs = dataset["ref_logps"] if "ref_logps" in dataset.column_names else None
+        for idx, row in enumerate(zip(dataset["prompt_ids"], dataset["response_ids"], dataset["rewards"])):
+            _check_row(idx, *row, None if refs is None else refs[idx], k, k_given)
+            if not all(row[1]):
+                raise ValueError(f"row {idx}: response {[len(r) for r in row[1]].index(0)} has no tokens")
         return dataset, "tokenized"
     rows, fmt = normalize(dataset, k)
     return tokenize(rows, tokenizer, max_length, max_prompt_length), fmt

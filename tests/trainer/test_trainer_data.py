@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -187,3 +188,67 @@ def test_config_defaults_follow_the_paper(tmp_path):
     cfg = NCAConfig(output_dir=str(tmp_path))
     assert (cfg.beta, cfg.alpha, cfg.loss_type, cfg.learning_rate) == (0.01, 1e-4, "nca", 5e-6)
     assert (cfg.max_length, cfg.max_prompt_length, cfg.remove_unused_columns) == (1024, 512, False)
+
+
+def test_a_row_with_any_message_list_is_templated_whole():
+    """A pairwise row whose rejected response is a message list and whose chosen one is a string:
+    both go through the template (the string as the assistant's turn), behind one prompt."""
+    tok = char_tokenizer(chat=True)
+    for chosen, rejected in (("yo", [{"role": "assistant", "content": "no"}]),
+                             ([{"role": "assistant", "content": "yo"}], "no")):
+        row = {"prompt": "hi", "chosen": chosen, "rejected": rejected}
+        out = prepare_dataset(Dataset.from_list([row]), tok, 64, 32)[0][0]
+        assert out["prompt_ids"] == ids_of(tok, "<user>hi<assistant>")
+        assert out["response_ids"] == [ids_of(tok, "yo"), ids_of(tok, "no")]
+
+
+def test_full_conversations_drop_the_prompt_by_role_and_content():
+    """Arrow gives every message the keys of all of them (None where absent): the prompt is still
+    recognised at the start of a conversation."""
+    tok = char_tokenizer(chat=True)
+    row = {"prompt": [{"role": "user", "content": "hi"}],
+           "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "name": "bot"}],
+           "rejected": [{"role": "assistant", "content": "no"}]}
+    assert Dataset.from_list([row])[0]["chosen"][0] == {"role": "user", "content": "hi", "name": None}
+    out = prepare_dataset(Dataset.from_list([row]), tok, 64, 32)[0][0]
+    assert out["response_ids"] == [ids_of(tok, "yo"), ids_of(tok, "no")]
+
+
+def test_lengths_and_empty_prompts_refused():
+    rows = Dataset.from_list(ROWS)
+    for max_length, max_prompt_length in ((8, 8), (8, 20), (1, 0)):
+        with pytest.raises(ValueError, match="need 0 < max_prompt_length < max_length"):
+            prepare_dataset(rows, char_tokenizer(), max_length, max_prompt_length)
+    from tokenizers import normalizers
+
+    no_bos = char_tokenizer()  # no leading tokens, and spaces stripped: a blank prompt has no tokens
+    no_bos._tokenizer.post_processor = None
+    no_bos._tokenizer.normalizer = normalizers.Strip()
+    assert no_bos(" a ")["input_ids"] == ids_of(no_bos, "a") and not ids_of(no_bos, "   ")
+    with pytest.raises(ValueError, match="row 0: the prompt has no tokens"):
+        prepare_dataset(Dataset.from_list([{"prompt": "   ", "responses": ["a", "b"], "rewards": [1.0, 0.0]}]), no_bos,
+                        64, 32)
+
+
+def test_pretokenised_rows_are_checked():
+    good = {"prompt_ids": [1, 5], "response_ids": [[6, 2], [7, 2]], "rewards": [1.0, 0.0]}
+    assert prepare_dataset(Dataset.from_list([good]), None, 64, 32)[1] == "tokenized"
+    for bad, message in (({"rewards": [math.nan, 0.0]}, "row 1: reward 0 is nan"),
+                         ({"response_ids": [[6, 2], []]}, "row 1: response 1 has no tokens"),
+                         ({"rewards": [1.0, 0.0, 3.0]}, "row 1: 2 responses but 3 rewards"),
+                         ({"response_ids": [[6], [7], [8]], "rewards": [1.0, 0.0, 3.0]}, "row 1: has K=3"),
+                         ({"prompt_ids": []}, "row 1: missing prompt")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            prepare_dataset(Dataset.from_list([good, {**good, **bad}]), None, 64, 32)
+    with pytest.raises(ValueError, match=re.escape("row 0: ref_logps 1 is")):
+        prepare_dataset(Dataset.from_list([{**good, "ref_logps": [-1.0, 1e39]}]), None, 64, 32)
+
+
+def test_trl_reference_columns():
+    pair = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    with pytest.raises(ValueError, match="row 0: ref_logps 0 is None"):  # one column alone is not enough
+        normalize(Dataset.from_list([{**pair, "ref_rejected_logps": -2.5}]))
+    with pytest.raises(ValueError, match="belong to the pairwise layout"):
+        normalize(Dataset.from_list([{**ROWS[0], "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}]))
+    with pytest.raises(ValueError, match="row 0: reward 1 is -1e"):
+        normalize(Dataset.from_list([{**ROWS[0], "rewards": [1.0, -1e300, 0.0]}]))

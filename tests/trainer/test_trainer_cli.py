@@ -11,7 +11,8 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from nca_kernels.train import main
+from nca_kernels.train import ScriptArguments, build_trainer, main
+from nca_kernels.trainer import NCAConfig
 
 from .common import char_tokenizer, one_thread, reward_rows, tiny_llama  # noqa: F401
 
@@ -107,3 +108,17 @@ def test_two_processes_match_one(model_and_data, tmp_path, launcher):
     for name in one:
         assert not torch.equal(one[name], start[name]), name
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_missing_dataset_is_a_usage_error(model_and_data, tmp_path, capsys):
+    model, _ = model_and_data
+    with pytest.raises(SystemExit) as e:
+        main(["--output_dir", str(tmp_path), "--model_name_or_path", model, "--dataset", str(tmp_path / "no.jsonl")])
+    assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_eval_dataset_is_used(model_and_data, tmp_path):
+    model, data = model_and_data
+    config = NCAConfig(output_dir=str(tmp_path / "o"), use_cpu=True, report_to=[], max_length=64, max_prompt_length=32)
+    t = build_trainer(ScriptArguments(model_name_or_path=model, dataset=data, eval_dataset=data), config)
+    assert t.eval_dataset is not None and "ref_logps" in t.eval_dataset.column_names

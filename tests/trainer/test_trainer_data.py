@@ -252,3 +252,108 @@ def test_trl_reference_columns():
         normalize(Dataset.from_list([{**ROWS[0], "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}]))
     with pytest.raises(ValueError, match="row 0: reward 1 is -1e"):
         normalize(Dataset.from_list([{**ROWS[0], "rewards": [1.0, -1e300, 0.0]}]))
+
+
+def test_uf_unmatched_columns():
+    rows = [{"prompt": "p", "A0": "a", "A1": "b", "A2": "c", "score_A0": 1.0, "score_A1": 0.0}]
+    with pytest.raises(ValueError, match=r"unmatched \['A2'\]"):
+        normalize(Dataset.from_list(rows))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"prompt": ""}, "row 1: missing prompt"),
+    ({"responses": ["d", None, "ff"]}, r"row 1: missing response \[1\]"),
+    ({"ref_logps": [-1.0, -2.0]}, "row 1: 3 responses but 2 ref_logps values"),
+])
+
+
+def test_more_bad_rows(bad, message):
+    rows = [{**ROWS[0], "ref_logps": [-1.0, -2.0, -3.0]}, {**ROWS[1], "ref_logps": [-1.0, -2.0, -3.0], **bad}]
+    with pytest.raises(ValueError, match=message):
+        normalize(Dataset.from_list(rows))
+
+
+def test_k1_refused():
+    with pytest.raises(ValueError, match="needs at least 2 responses"):
+        normalize(Dataset.from_list([{"prompt": "p", "responses": ["a"], "rewards": [1.0]}]))
+
+
+def test_bool_rewards_refused():
+    with pytest.raises(ValueError, match="reward 0 is True"):
+        normalize(Dataset.from_list([{"prompt": "p", "responses": ["a", "b"], "rewards": [True, False]}]))
+
+
+def test_text_ending_in_eos_gets_one():
+    tok = char_tokenizer()
+    rows, _ = normalize(Dataset.from_list([{"prompt": "p", "responses": ["x<eos>", "y"], "rewards": [0.0, 1.0]}]))
+    out = tokenize(rows, tok, 64, 8)[0]
+    assert out["response_ids"][0] == ids_of(tok, "x") + [tok.eos_token_id]
+
+
+def test_exact_fit_is_not_cut():
+    tok = char_tokenizer()  # 1 + 10 prompt + 4 + eos = 16 = max_length
+    rows, _ = normalize(Dataset.from_list([{"prompt": "abcdefghij", "responses": ["wxyz", "v"],
+                                            "rewards": [0.0, 1.0]}]))
+    out = tokenize(rows, tok, max_length=16, max_prompt_length=6)[0]
+    assert out["prompt_ids"] == [tok.bos_token_id] + ids_of(tok, "abcdefghij")
+
+
+def test_short_prompt_leaves_room_for_responses():
+    tok = char_tokenizer()
+    rows, _ = normalize(Dataset.from_list([{"prompt": "ab", "responses": ["z" * 20, "v"], "rewards": [0.0, 1.0]}]))
+    out = tokenize(rows, tok, max_length=16, max_prompt_length=8)[0]
+    assert len(out["prompt_ids"]) == 3 and len(out["response_ids"][0]) == 13
+
+
+def test_tokenized_k_checked():
+    d = Dataset.from_list([{"prompt_ids": [1], "response_ids": [[5], [6]], "rewards": [0.0, 1.0]},
+                           {"prompt_ids": [1], "response_ids": [[5], [6], [7]], "rewards": [0.0, 1.0, 2.0]}])
+    with pytest.raises(ValueError, match="row 1: has K=3"):
+        prepare_dataset(d, char_tokenizer(), 64, 32)
+
+
+def test_template_prefix_checked():
+    tok = char_tokenizer(chat=True)
+    tok.chat_template = tok.chat_template.replace("<assistant>{% endif %}", "<assistant>:{% endif %}")
+    row = {"prompt": [{"role": "user", "content": "hi"}], "responses": ["yo", "no"], "rewards": [1.0, 0.0]}
+    with pytest.raises(ValueError, match="prefix of the conversation"):
+        tokenize(normalize(Dataset.from_list([row]))[0], tok, 64, 32)
+
+
+def test_chat_prompt_plain_responses():
+    tok = char_tokenizer(chat=True)
+    row = {"prompt": [{"role": "user", "content": "hi"}], "responses": ["yo", "no"], "rewards": [1.0, 0.0]}
+    out = tokenize(normalize(Dataset.from_list([row]))[0], tok, 64, 32)[0]
+    assert out["prompt_ids"] == ids_of(tok, "<user>hi<assistant>")
+    assert out["response_ids"] == [ids_of(tok, "yo"), ids_of(tok, "no")]
+
+
+def test_response_without_new_message():
+    tok = char_tokenizer(chat=True)
+    p = [{"role": "user", "content": "hi"}]
+    row = {"prompt": p, "responses": [p, p + [{"role": "assistant", "content": "x"}]], "rewards": [1.0, 0.0]}
+    with pytest.raises(ValueError, match="holds no message beyond the prompt"):
+        tokenize(normalize(Dataset.from_list([row]))[0], tok, 64, 32)
+
+
+def test_dataset_dict_train_split(tmp_path):
+    DatasetDict({"test": Dataset.from_list(ROWS[:1]), "train": Dataset.from_list(ROWS)}).save_to_disk(tmp_path / "dd")
+    assert load_reward_dataset(str(tmp_path / "dd")).to_list() == ROWS
+
+
+@pytest.mark.parametrize("kwargs", [{"max_prompt_length": 0}, {"backend": "bogus"}])
+
+
+def test_config_more_bad(tmp_path, kwargs):
+    with pytest.raises(ValueError):
+        NCAConfig(output_dir=str(tmp_path), **kwargs)
+
+
+def test_config_forces_remove_unused_columns_off(tmp_path):
+    assert NCAConfig(output_dir=str(tmp_path), remove_unused_columns=True).remove_unused_columns is False
+
+
+def test_ref_logps_column_wins_over_trl_columns():
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b", "ref_logps": [-1.0, -2.0], "ref_chosen_logps": -5.0,
+             "ref_rejected_logps": -6.0}]
+    assert normalize(Dataset.from_list(rows))[0]["ref_logps"] == [[-1.0, -2.0]]

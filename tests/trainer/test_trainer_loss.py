@@ -304,3 +304,109 @@ def test_peft_reference_disables_the_adapters(tmp_path):
     torch.testing.assert_close(torch.tensor(trainer.train_dataset["ref_logps"]), base, rtol=1e-5, atol=1e-5)
     trainer.train()
     assert trainer.state.global_step == 2
+
+
+def test_eval_metric_values(tmp_path):
+    tok = char_tokenizer()
+    trainer = NCATrainer(tiny_llama(len(tok)), NCAConfig(**_settings(tmp_path)),
+                         train_dataset=Dataset.from_list(reward_rows(2)),
+                         eval_dataset=Dataset.from_list(reward_rows(5, seed=4)),
+                         processing_class=tok)
+    _moved(trainer.model)
+    m = trainer.evaluate()  # batches of 3 and 2
+    data = trainer.eval_dataset
+    batch = trainer.data_collator([data[i] for i in range(5)])
+    with torch.no_grad():
+        logps = naive_logps(trainer.model, batch).view(5, 4)
+    mr = 0.5 * (logps - batch["ref_logps"])
+    order = batch["rewards"].argsort(-1, descending=True)
+    ranked = mr.gather(-1, order)
+    for i in range(4):
+        assert m[f"eval_rewards/rank{i}"] == pytest.approx(ranked[:, i].mean().item(), rel=1e-4, abs=1e-6)
+    assert m["eval_logps/chosen"] == pytest.approx(logps.gather(-1, order[:, :1]).mean().item(), rel=1e-5)
+    top = order[:, :1]
+    others = (mr.sum(-1) - mr.gather(-1, top).squeeze(-1)) / 3
+    assert m["eval_rewards/margin"] == pytest.approx((mr.gather(-1, top).squeeze(-1) - others).mean().item(), rel=1e-4)
+    best_other = mr.scatter(-1, top, float("-inf")).amax(-1)
+    accuracy = (mr.gather(-1, top).squeeze(-1) > best_other).float().mean().item()
+    assert m["eval_rewards/accuracy"] == pytest.approx(accuracy)
+    assert m["eval_logps/policy"] == pytest.approx(logps.mean().item(), rel=1e-5)
+
+
+def test_average_reaches_reference_and_loss(tmp_path):
+    tok = char_tokenizer()
+    trainer = make_trainer(tmp_path, tiny_llama(len(tok)), reward_rows(4), average=True)
+    batch = batch_of(trainer)
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        want = reference.sequence_logprobs_from_logits(logits[:, :-1], batch["labels"][:, 1:], average=True).view(4, 4)
+    torch.testing.assert_close(batch["ref_logps"], want, rtol=1e-5, atol=1e-5)
+    _moved(trainer.model)
+    loss = trainer.compute_loss(trainer.model, batch)
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        lp = reference.sequence_logprobs_from_logits(logits[:, :-1], batch["labels"][:, 1:], average=True).view(4, 4)
+    want = reference.nca_loss(lp, batch["ref_logps"], batch["rewards"], beta=0.5, alpha=0.3)
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_train_logs_are_per_interval_and_eval_logs_clean(tmp_path):
+    tok = char_tokenizer()
+    trainer = NCATrainer(tiny_llama(len(tok)), NCAConfig(**_settings(tmp_path, max_steps=4, logging_steps=2,
+                                                                   eval_strategy="steps", eval_steps=1)),
+                         train_dataset=Dataset.from_list(reward_rows(8)),
+                         eval_dataset=Dataset.from_list(reward_rows(3, seed=1)), processing_class=tok)
+    seen = []
+    record = trainer._record
+    trainer._record = lambda metrics, rewards, mode: (seen.append((mode, metrics["policy_logps"].mean().item()))
+                                                       or record(metrics, rewards, mode))
+    trainer.train()
+    train_means = [v for mode, v in seen if mode == "train"]
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    pairs = [(a + b) / 2 for a, b in zip(train_means[::2], train_means[1::2])]
+    assert len(logs) == 2 and [h["logps/policy"] for h in logs] == pytest.approx(pairs, rel=1e-5)
+    assert not any("rewards/accuracy" in h for h in trainer.state.log_history if "eval_loss" in h)
+
+
+def test_tokenizer_without_pad_pads_with_eos(tmp_path):
+    tok = char_tokenizer()
+    tok.pad_token = None
+    trainer = NCATrainer(tiny_llama(len(tok)), NCAConfig(**_settings(tmp_path)),
+                         train_dataset=Dataset.from_list(reward_rows(2)), processing_class=tok)
+    assert trainer.data_collator.pad_token_id == tok.eos_token_id
+
+
+def test_peft_raw_eval_after_training(tmp_path):
+    peft = pytest.importorskip("peft")
+    tok = char_tokenizer()
+    model = peft.get_peft_model(tiny_llama(len(tok)), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainer = make_trainer(tmp_path, model, reward_rows(3), max_steps=1)
+    trainer.train()
+    assert "eval_loss" in trainer.evaluate(Dataset.from_list(reward_rows(3, seed=1)))
+
+
+def test_reference_pass_in_eval_mode(tmp_path):
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                                         pad_token_id=0, bos_token_id=1, eos_token_id=2, attention_dropout=0.5))
+    model.train()
+    trainer = make_trainer(tmp_path, model, reward_rows(3))
+    assert model.training
+    model.eval()
+    with torch.no_grad():
+        want = naive_logps(model, batch_of(trainer, 3)).view(3, 4)
+    torch.testing.assert_close(torch.tensor(trainer.train_dataset["ref_logps"]), want, rtol=1e-5, atol=1e-5)
+
+
+def test_predict_pairwise_uses_alpha_zero(tmp_path):
+    tok = char_tokenizer()
+    trainer = make_trainer(tmp_path, tiny_llama(len(tok)), reward_rows(4, k=2))
+    _moved(trainer.model)
+    pairs = Dataset.from_list([{**r, "ref_logps": [-3.0, -3.5]} for r in PAIRS])
+    out = trainer.predict(pairs)
+    prepared = trainer._prepare(pairs, "x")
+    expected = _naive_loss(trainer, trainer._prepared[id(prepared)][1], 0.0)
+    assert out.metrics["test_loss"] == pytest.approx(expected, rel=1e-5)

@@ -104,3 +104,26 @@ def test_modules_to_save_head_is_read(peft):
     x = torch.randn(5, 32)
     assert head_operands(model, x)[1].requires_grad
     torch.testing.assert_close(logits_of(model, x), head(x))
+
+
+def test_bias_and_logit_scaling_together():
+    model = tiny_granite(len(char_tokenizer()))
+    head = torch.nn.Linear(32, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.normal_()
+    model.lm_head = head
+    out = model(input_ids=torch.randint(3, 40, (2, 7)), output_hidden_states=True)
+    torch.testing.assert_close(logits_of(model, out.hidden_states[-1]), out.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_slightly_scaled_head_is_refused(tmp_path):
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 1.2 * super().forward(x)
+    model = tiny_llama(len(char_tokenizer()))
+    head = Scaled(32, model.lm_head.out_features, bias=False)
+    head.weight = model.lm_head.weight
+    model.lm_head = head
+    with pytest.raises(ValueError, match="logits are not its last hidden state"):
+        make_trainer(tmp_path, model, reward_rows(2))

@@ -22,7 +22,7 @@ def _head_inputs(hidden, weight, labels, *, bias, ignore_index, average, shift, 
     and the labels shifted when asked."""
     hidden, weight, bias = ops.autocast_inputs(hidden, weight, bias)
     validation.check_backend(backend)
-    average, shift = validation.check_flag("average", average), validation.check_flag("shift", shift)
+    average, shift = validation.check_flags(average=average, shift=shift)
     softcap = validation.check_softcap(softcap)
     ignore_index = validation.check_hidden_inputs(hidden, weight, labels, bias, ignore_index, shift)
     return hidden, weight, bias, _shifted(labels, ignore_index, shift), ignore_index, average, softcap
@@ -52,7 +52,7 @@ def sequence_logprobs_from_logits(logits, labels, *, ignore_index=-100, average=
     """Per-sequence log-probs ``(S,)`` from logits ``(S, T, V)`` (any float dtype), read in chunks;
     ``shift`` as in :func:`sequence_logprobs`."""
     validation.check_backend(backend)
-    average, shift = validation.check_flag("average", average), validation.check_flag("shift", shift)
+    average, shift = validation.check_flags(average=average, shift=shift)
     ignore_index = validation.check_logits_inputs(logits, labels, ignore_index, shift)
     labels = _shifted(labels, ignore_index, shift)
     return ops.LogitsLogprobs.apply(logits, labels, ignore_index, average, backend)
@@ -84,8 +84,7 @@ def fused_nca_loss(hidden, weight, labels, rewards, ref_logps, *, beta, alpha, l
     metrics being detached (see :func:`nca_kernels.losses.preference_metrics`).
     """
     beta, alpha = validation.check_loss_params(beta, alpha, loss_type)
-    recompute = validation.check_flag("recompute", recompute)
-    return_metrics = validation.check_flag("return_metrics", return_metrics)
+    recompute, return_metrics = validation.check_flags(recompute=recompute, return_metrics=return_metrics)
     hidden, weight, bias, labels, ignore_index, average, softcap = _head_inputs(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, average=average, shift=shift, softcap=softcap,
         backend=backend)
@@ -115,8 +114,7 @@ class FusedNCALoss(torch.nn.Module):
         beta, alpha = validation.check_loss_params(beta, alpha, loss_type)
         softcap = validation.check_softcap(softcap)
         validation.check_backend(backend)
-        average, shift, recompute = (validation.check_flag(name, x) for name, x in
-                                     (("average", average), ("shift", shift), ("recompute", recompute)))
+        average, shift, recompute = validation.check_flags(average=average, shift=shift, recompute=recompute)
         self.beta, self.alpha, self.loss_type = beta, alpha, loss_type
         self.ignore_index, self.average, self.shift, self.softcap = ignore_index, average, shift, softcap
         self.recompute, self.backend = recompute, backend

@@ -31,14 +31,15 @@ def _number(name: str, x, kind: type = numbers.Real, what: str = "a float"):
     return int(x) if kind is numbers.Integral else float(x)
 
 
-def check_flag(name: str, x) -> bool:
-    """``x`` as a Python bool: a bool or a NumPy bool only (a string such as ``"no"`` would otherwise
-    read as True)."""
-    if isinstance(x, bool):
-        return x
-    if type(x).__module__ == "numpy" and isinstance(getattr(x, "item", lambda: None)(), bool):
-        return x.item()
-    raise TypeError(f"{name} must be a bool, got {type(x).__name__} {x!r}")
+def check_flags(**flags) -> tuple[bool, ...]:
+    """Each flag as a Python bool, in the order given: a bool or a NumPy bool only (a string such as
+    ``"no"`` would otherwise read as True)."""
+    out = []
+    for name, x in flags.items():
+        if not (isinstance(x, bool) or (type(x).__module__ == "numpy" and type(x).__name__ in ("bool", "bool_"))):
+            raise TypeError(f"{name} must be a bool, got {type(x).__name__} {x!r}")
+        out.append(bool(x))
+    return tuple(out)
 
 
 def _same_device(ref_name: str, ref: torch.Tensor, **others) -> None:

@@ -29,6 +29,7 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 IGNORE_INDEX = -100
 TOKENIZED_COLUMNS = ("prompt_ids", "response_ids", "rewards")
 FLOAT32_MAX = torch.finfo(torch.float32).max  # the collator's rewards and ref_logps are float32
+TRL_REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # pairwise reference log-probs
 
 
 def load_reward_dataset(path: str) -> Dataset:
@@ -72,9 +73,6 @@ def _ultrafeedback_k(columns) -> int:
     if extra:
         raise ValueError(f"columns A0..A{k - 1} and score_A0..score_A{k - 1} found, but also unmatched {extra}")
     return k
-
-
-TRL_REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def _row_fields(row: dict, fmt: str, k_cols: int) -> tuple:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -85,10 +86,16 @@ def test_cli_loads_the_weights_in_the_dtype_asked_for(model_and_data, tmp_path):
     assert {w.dtype for w in weights.values()} == {torch.bfloat16}
 
 
-LAUNCHERS = {
-    "torchrun": ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"],  # a free port
-    "accelerate": ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no"],
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+LAUNCHERS = {  # each on a free port, not the fixed default that a concurrent run may hold
+    "torchrun": lambda: ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "accelerate": lambda: ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port()],
 }
 
 
@@ -109,7 +116,7 @@ def test_two_processes_match_one(model_and_data, tmp_path, launcher):
     main([*cli_args(model, data, str(tmp_path / "one"), 4), *evaluation, "--per_device_eval_batch_size", "4"])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, "-m", *LAUNCHERS[launcher], "-m", "nca_kernels.train",
+        [sys.executable, "-m", *LAUNCHERS[launcher](), "-m", "nca_kernels.train",
          *cli_args(model, data, str(tmp_path / "two"), 2), *evaluation, "--per_device_eval_batch_size", "2"],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env, check=False,
     )

@@ -44,12 +44,13 @@ class ScriptArguments:
 
 
 def build_trainer(script: ScriptArguments, config):
-    """NCATrainer for a local model directory and reward dataset (the data is loaded first, so a bad
-    path fails before the model loads)."""
+    """NCATrainer for a local model directory and reward dataset (the backend and the data are checked
+    first, so a bad setting or path fails before the model loads)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .trainer import NCATrainer, attn_implementation, load_reward_dataset
 
+    config.check_backend_device()
     for flag, path in (("--model_name_or_path", script.model_name_or_path),
                        ("--ref_model_name_or_path", script.ref_model_name_or_path)):
         if path is not None and not os.path.isdir(path):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .. import validation
+from ..backends import unavailable_reason
 
 
 @dataclass
@@ -63,5 +64,14 @@ class NCAConfig(TrainingArguments):
                 f"need 0 < max_prompt_length < max_length, got max_prompt_length={self.max_prompt_length} "
                 f"and max_length={self.max_length}"
             )
+        if self.label_smoothing_factor:
+            raise ValueError(f"label_smoothing_factor={self.label_smoothing_factor}: the NCA losses take no label "
+                             "smoothing (their soft labels come from the rewards and alpha)")
         self.remove_unused_columns = False
         super().__post_init__()
+
+    def check_backend_device(self) -> None:
+        """A ValueError unless ``backend`` can run on the training device (``"auto"`` always can)."""
+        reason = None if self.backend == "auto" else unavailable_reason(self.backend, self.device)
+        if reason is not None:
+            raise ValueError(f"backend={self.backend!r} cannot run on the training device {self.device}: {reason}")

@@ -6,14 +6,17 @@ Accepted layouts, detected from the column names:
 2. ``ultrafeedback``: the official UltraFeedback reward layout, ``prompt``, ``A0 .. A{K-1}`` and
    ``score_A0 .. score_A{K-1}``.
 3. ``pairwise``: ``prompt``, ``chosen``, ``rejected``; K=2 with alpha=0 semantics (DPO / nca_pair).
+   Without ``prompt`` (TRL's implicit prompt) the prompt is what ``chosen`` and ``rejected`` share:
+   their common leading messages, or for strings their common leading text (a space at its end
+   left to the responses).
 
 Prompts and responses are strings, or chat message lists (``[{"role": ..., "content": ...}]``)
 rendered with the tokenizer's chat template; a response list may repeat the prompt's messages
 first (full conversations, as in UltraFeedback), they are dropped.
 
-Truncation, when the prompt plus the longest response exceeds ``max_length`` tokens: the prompt is
-cut first, to its last ``max_prompt_length`` tokens; then every response is cut to the tokens
-that still fit. Row numbers in errors count from 0.
+Truncation, when the prompt plus the longest response exceeds ``max_length`` tokens (tokenised
+rows too): the prompt is cut first, to its last ``max_prompt_length`` tokens; then every response
+is cut to the tokens that still fit. Row numbers in errors count from 0.
 """
 
 from __future__ import annotations
@@ -57,11 +60,11 @@ def detect_format(columns) -> str:
         return "rewards"
     if {"prompt", "A0", "score_A0"} <= cols:
         return "ultrafeedback"
-    if {"prompt", "chosen", "rejected"} <= cols:
+    if {"chosen", "rejected"} <= cols:
         return "pairwise"
     raise ValueError(
         f"cannot tell the dataset format from columns {sorted(cols)}: expected (prompt, responses, rewards), "
-        "(prompt, A0.., score_A0..) or (prompt, chosen, rejected)"
+        "(prompt, A0.., score_A0..) or ([prompt,] chosen, rejected)"
     )
 
 
@@ -75,7 +78,25 @@ def _ultrafeedback_k(columns) -> int:
     return k
 
 
-def _row_fields(row: dict, fmt: str, k_cols: int) -> tuple:
+def _implicit_prompt(idx: int, chosen, rejected) -> tuple:
+    """``(prompt, chosen, rejected)``: the prompt is the messages (or text) both responses start with."""
+    if _is_messages(chosen) and _is_messages(rejected):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and _turns(chosen[n: n + 1]) == _turns(rejected[n: n + 1]):
+            n += 1
+    elif isinstance(chosen, str) and isinstance(rejected, str):
+        n = len(os.path.commonprefix([chosen, rejected]))
+        n -= n > 0 and chosen[n - 1] == " "
+    else:
+        raise ValueError(f"row {idx}: without a prompt column, chosen and rejected must both be strings or both "
+                         "chat message lists")
+    if n == 0 or n == len(chosen) or n == len(rejected):
+        raise ValueError(f"row {idx}: without a prompt column, chosen and rejected must start with a shared prompt "
+                         f"and go on to differ ({'nothing is shared' if n == 0 else 'one is all prompt'})")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _row_fields(row: dict, fmt: str, k_cols: int, idx: int) -> tuple:
     """``(prompt, responses, rewards, ref_logps or None)`` of a row; precomputed reference log-probs
     come from a ``ref_logps`` column (K floats), or TRL's ``ref_chosen_logps`` / ``ref_rejected_logps``."""
     ref = row.get("ref_logps")
@@ -86,7 +107,12 @@ def _row_fields(row: dict, fmt: str, k_cols: int) -> tuple:
                 ref)
     if ref is None and any(c in row for c in TRL_REF_COLUMNS):
         ref = [row.get(c) for c in TRL_REF_COLUMNS]
-    return row["prompt"], [row["chosen"], row["rejected"]], [1.0, 0.0], ref
+    if "prompt" in row:
+        return row["prompt"], [row["chosen"], row["rejected"]], [1.0, 0.0], ref
+    if row["chosen"] is None or row["rejected"] is None:
+        return None, [row["chosen"], row["rejected"]], [1.0, 0.0], ref
+    prompt, chosen, rejected = _implicit_prompt(idx, row["chosen"], row["rejected"])
+    return prompt, [chosen, rejected], [1.0, 0.0], ref
 
 
 def _k_mismatch(idx: int, n: int, k: int, given: bool) -> ValueError:
@@ -95,8 +121,6 @@ def _k_mismatch(idx: int, n: int, k: int, given: bool) -> ValueError:
 
 
 def _check_row(idx: int, prompt, responses, rewards, ref_logps, k: int, k_given: bool) -> None:
-    if prompt is None or (isinstance(prompt, (str, list)) and len(prompt) == 0):
-        raise ValueError(f"row {idx}: missing prompt")
     if responses is None or rewards is None:
         raise ValueError(f"row {idx}: missing {'responses' if responses is None else 'rewards'}")
     if not isinstance(responses, (list, tuple)) or not isinstance(rewards, (list, tuple)):
@@ -104,6 +128,10 @@ def _check_row(idx: int, prompt, responses, rewards, ref_logps, k: int, k_given:
                          f"{type(rewards).__name__}")
     if any(r is None for r in responses):
         raise ValueError(f"row {idx}: missing response {[i for i, r in enumerate(responses) if r is None]}")
+    if prompt is None:  # after the responses: an implicit prompt is missing when one of them is
+        raise ValueError(f"row {idx}: missing prompt")
+    if isinstance(prompt, (str, list)) and len(prompt) == 0:
+        raise ValueError(f"row {idx}: empty prompt")
     if len(responses) != len(rewards):
         raise ValueError(f"row {idx}: {len(responses)} responses but {len(rewards)} rewards")
     if len(responses) < 2:
@@ -135,14 +163,14 @@ def normalize(dataset: Dataset, k: int | None = None) -> tuple[Dataset, str]:
         raise ValueError("the dataset has no rows")
     k_given = k is not None
     if k is None:
-        k = len(_row_fields(dataset[0], fmt, k_cols)[1] or [])
+        k = len(_row_fields(dataset[0], fmt, k_cols, 0)[1] or [])
     trl = [c for c in TRL_REF_COLUMNS if c in dataset.column_names]
     if trl and fmt != "pairwise":
         raise ValueError(f"columns {trl} belong to the pairwise layout; the {fmt} layout takes ref_logps (K numbers)")
     has_ref = "ref_logps" in dataset.column_names or bool(trl)
 
     def convert(row, idx):
-        prompt, responses, rewards, ref = _row_fields(row, fmt, k_cols)
+        prompt, responses, rewards, ref = _row_fields(row, fmt, k_cols, idx)
         if has_ref and ref is None:
             raise ValueError(f"row {idx}: missing ref_logps (the dataset has the column)")
         _check_row(idx, prompt, responses, rewards, ref, k, k_given)
@@ -194,11 +222,25 @@ def _leading_special_tokens(tokenizer) -> list[int]:
     return []
 
 
-def tokenize(dataset: Dataset, tokenizer, max_length: int, max_prompt_length: int) -> Dataset:
-    """Token ids per row: ``prompt_ids``, ``response_ids`` (K lists), ``rewards``; see the module doc."""
+def _check_lengths(max_length: int, max_prompt_length: int) -> None:
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length < max_length, got max_prompt_length={max_prompt_length} and "
                          f"max_length={max_length}")
+
+
+def _truncate(prompt_ids: list, responses: list, lead: list, max_length: int, max_prompt_length: int) -> tuple:
+    """A row's ``(prompt_ids, responses)`` within ``max_length`` (module doc); the tokenizer's leading
+    tokens ``lead`` are kept where they fit."""
+    if len(prompt_ids) + max(map(len, responses)) <= max_length:
+        return prompt_ids, responses
+    head = len(lead) if prompt_ids[: len(lead)] == lead and len(lead) < max_prompt_length else 0
+    prompt_ids = prompt_ids[:head] + prompt_ids[head:][-(max_prompt_length - head):]
+    return prompt_ids, [r[: max_length - len(prompt_ids)] for r in responses]
+
+
+def tokenize(dataset: Dataset, tokenizer, max_length: int, max_prompt_length: int) -> Dataset:
+    """Token ids per row: ``prompt_ids``, ``response_ids`` (K lists), ``rewards``; see the module doc."""
+    _check_lengths(max_length, max_prompt_length)
     eos = tokenizer.eos_token_id
     lead = _leading_special_tokens(tokenizer)
 
@@ -217,10 +259,7 @@ def tokenize(dataset: Dataset, tokenizer, max_length: int, max_prompt_length: in
             if not ids:  # its log-prob would be 0: probability one, whatever the model
                 raise ValueError(f"row {idx}: response {len(responses)} has no tokens (empty, and no EOS to end it)")
             responses.append(ids)
-        if len(prompt_ids) + max(map(len, responses)) > max_length:  # the leading tokens kept where they fit
-            head = len(lead) if prompt_ids[: len(lead)] == lead and len(lead) < max_prompt_length else 0
-            prompt_ids = prompt_ids[:head] + prompt_ids[head:][-(max_prompt_length - head):]
-            responses = [r[: max_length - len(prompt_ids)] for r in responses]
+        prompt_ids, responses = _truncate(prompt_ids, responses, lead, max_length, max_prompt_length)
         out = {"prompt_ids": prompt_ids, "response_ids": responses, "rewards": row["rewards"]}
         return {**out, "ref_logps": row["ref_logps"]} if "ref_logps" in row else out
 
@@ -238,16 +277,39 @@ def prepare_dataset(dataset: Dataset, tokenizer, max_length: int, max_prompt_len
         raise TypeError(f"expected a datasets.Dataset, got {type(dataset).__name__} (pick a split of a DatasetDict; "
                         "an IterableDataset has no length for the reference pass)")
     if set(TOKENIZED_COLUMNS) <= set(dataset.column_names):
-        k_given = k is not None
-        k = k if k_given else len(dataset[0]["response_ids"])
-        refs = dataset["ref_logps"] if "ref_logps" in dataset.column_names else None
-        for idx, row in enumerate(zip(dataset["prompt_ids"], dataset["response_ids"], dataset["rewards"])):
-            _check_row(idx, *row, None if refs is None else refs[idx], k, k_given)
-            if not all(row[1]):
-                raise ValueError(f"row {idx}: response {[len(r) for r in row[1]].index(0)} has no tokens")
-        return dataset, "tokenized"
+        return _check_tokenized(dataset, tokenizer, max_length, max_prompt_length, k), "tokenized"
     rows, fmt = normalize(dataset, k)
     return tokenize(rows, tokenizer, max_length, max_prompt_length), fmt
+
+
+def _check_tokenized(dataset: Dataset, tokenizer, max_length: int, max_prompt_length: int, k: int | None) -> Dataset:
+    """A tokenised dataset with every row checked (token ids within the tokenizer's vocabulary) and truncated."""
+    _check_lengths(max_length, max_prompt_length)
+    k_given = k is not None
+    k = k if k_given else len(dataset[0]["response_ids"])
+    vocab = len(tokenizer)
+    refs = dataset["ref_logps"] if "ref_logps" in dataset.column_names else None
+    too_long = False
+    for idx, row in enumerate(zip(dataset["prompt_ids"], dataset["response_ids"], dataset["rewards"])):
+        _check_row(idx, *row, None if refs is None else refs[idx], k, k_given)
+        prompt_ids, responses = row[:2]
+        if not all(responses):
+            raise ValueError(f"row {idx}: response {[len(r) for r in responses].index(0)} has no tokens")
+        for name, ids in (("prompt_ids", prompt_ids), *((f"response_ids {i}", r) for i, r in enumerate(responses))):
+            for t in (min(ids), max(ids)):
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                    raise ValueError(f"row {idx}: {name} holds {t!r}, not a token id of the tokenizer (0 to "
+                                     f"{vocab - 1})")
+        too_long |= len(prompt_ids) + max(map(len, responses)) > max_length
+    if not too_long:
+        return dataset
+    lead = _leading_special_tokens(tokenizer)
+
+    def cut(row):
+        prompt_ids, responses = _truncate(row["prompt_ids"], row["response_ids"], lead, max_length, max_prompt_length)
+        return {"prompt_ids": prompt_ids, "response_ids": responses}
+
+    return dataset.map(cut, desc="Truncating")
 
 
 @dataclass

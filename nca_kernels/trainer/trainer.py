@@ -38,6 +38,10 @@ class NCATrainer(Trainer):
         if processing_class is None:
             raise ValueError("processing_class (the tokenizer) is required to tokenise the dataset")
         check_lm_head(model)  # before the reference pass: a head the fused loss cannot read fails now
+        args.check_backend_device()
+        if kwargs.get("compute_metrics") is not None:
+            raise ValueError("compute_metrics is not supported: evaluation computes the loss and logs the reward "
+                             "metrics (rewards/accuracy, ...), with no predictions to pass to it")
         pad_id = processing_class.pad_token_id
         if pad_id is None:
             pad_id = processing_class.eos_token_id

@@ -48,6 +48,9 @@ def cli_args(model, data, out, batch):
     (["--compare"], "--compare needs --demo"),
     (["--model_name_or_path", "missing", "--dataset", "x.jsonl"], "'missing' is not a local model directory"),
     (["--loss_type", "ipo"], "loss_type must be one of"),
+    (["--label_smoothing_factor", "0.1"], "label_smoothing_factor=0.1: the NCA losses take no label smoothing"),
+    (["--model_name_or_path", "m", "--dataset", "x.jsonl", "--backend", "cuda", "--use_cpu"],
+     "backend='cuda' cannot run on the training device cpu"),
 ])
 def test_cli_usage_errors(tmp_path, capsys, args, message):
     """Bad settings end as a usage error (exit status 2) that says what is wrong, not a traceback."""

@@ -231,17 +231,60 @@ def test_lengths_and_empty_prompts_refused():
 
 
 def test_pretokenised_rows_are_checked():
+    tok = char_tokenizer()
     good = {"prompt_ids": [1, 5], "response_ids": [[6, 2], [7, 2]], "rewards": [1.0, 0.0]}
-    assert prepare_dataset(Dataset.from_list([good]), None, 64, 32)[1] == "tokenized"
+    assert prepare_dataset(Dataset.from_list([good]), tok, 64, 32)[1] == "tokenized"
     for bad, message in (({"rewards": [math.nan, 0.0]}, "row 1: reward 0 is nan"),
                          ({"response_ids": [[6, 2], []]}, "row 1: response 1 has no tokens"),
                          ({"rewards": [1.0, 0.0, 3.0]}, "row 1: 2 responses but 3 rewards"),
                          ({"response_ids": [[6], [7], [8]], "rewards": [1.0, 0.0, 3.0]}, "row 1: has K=3"),
-                         ({"prompt_ids": []}, "row 1: missing prompt")):
+                         ({"prompt_ids": []}, "row 1: empty prompt"),
+                         ({"response_ids": [[6, 2], [7, len(tok)]]},
+                          f"row 1: response_ids 1 holds {len(tok)}, not a token id of the tokenizer (0 to "
+                          f"{len(tok) - 1})"),
+                         ({"prompt_ids": [-1, 5]}, "row 1: prompt_ids holds -1")):
         with pytest.raises(ValueError, match=re.escape(message)):
-            prepare_dataset(Dataset.from_list([good, {**good, **bad}]), None, 64, 32)
+            prepare_dataset(Dataset.from_list([good, {**good, **bad}]), tok, 64, 32)
     with pytest.raises(ValueError, match=re.escape("row 0: ref_logps 1 is")):
-        prepare_dataset(Dataset.from_list([{**good, "ref_logps": [-1.0, 1e39]}]), None, 64, 32)
+        prepare_dataset(Dataset.from_list([{**good, "ref_logps": [-1.0, 1e39]}]), tok, 64, 32)
+    with pytest.raises(ValueError, match="need 0 < max_prompt_length < max_length"):
+        prepare_dataset(Dataset.from_list([good]), tok, 8, 8)
+
+
+def test_pretokenised_rows_are_truncated_like_text():
+    """A tokenised row longer than max_length is cut as the same row given as text would be."""
+    tok = char_tokenizer()
+    text = {"prompt": "abcdefghij", "responses": ["klmnop", "q"], "rewards": [1.0, 0.0]}
+    tokenised = prepare_dataset(Dataset.from_list([text]), tok, 64, 32)[0]
+    assert len(tokenised[0]["prompt_ids"]) + len(tokenised[0]["response_ids"][0]) > 10
+    for max_length, max_prompt_length in ((10, 4), (10, 1), (12, 8)):
+        want = prepare_dataset(Dataset.from_list([text]), tok, max_length, max_prompt_length)[0]
+        got = prepare_dataset(tokenised, tok, max_length, max_prompt_length)[0]
+        assert got.to_list() == want.to_list(), (max_length, max_prompt_length)
+    assert prepare_dataset(tokenised, tok, 64, 32)[0] is tokenised  # nothing to cut: the dataset as given
+
+
+def test_implicit_prompt():
+    """TRL's implicit prompt: without a prompt column, chosen and rejected share it."""
+    tok = char_tokenizer(chat=True)
+    explicit = prepare_dataset(Dataset.from_list([{"prompt": "Q: hi\nA:", "chosen": " yes", "rejected": " no"}]),
+                               tok, 64, 32)[0]
+    implicit = prepare_dataset(Dataset.from_list([{"chosen": "Q: hi\nA: yes", "rejected": "Q: hi\nA: no"}]),
+                               tok, 64, 32)
+    assert implicit[1] == "pairwise" and implicit[0].to_list() == explicit.to_list()
+    user = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    conversation = [{"chosen": [*user, {"role": "assistant", "content": "yes"}],
+                     "rejected": [*user, {"role": "assistant", "content": "no"}]}]
+    want = prepare_dataset(Dataset.from_list([{"prompt": user, "chosen": conversation[0]["chosen"][2:],
+                                               "rejected": conversation[0]["rejected"][2:]}]), tok, 64, 32)[0]
+    assert prepare_dataset(Dataset.from_list(conversation), tok, 64, 32)[0].to_list() == want.to_list()
+    for row, message in (({"chosen": "yes", "rejected": "no"}, "nothing is shared"),
+                         ({"chosen": "Q: a", "rejected": "Q: ab"}, "one is all prompt"),
+                         ({"chosen": "Q: a", "rejected": [{"role": "user", "content": "Q: b"}]},
+                          "must both be strings or both chat message lists"),
+                         ({"chosen": "Q: a", "rejected": None}, "row 0: missing response [1]")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            normalize(Dataset.from_list([row]))
 
 
 def test_trl_reference_columns():
@@ -261,7 +304,7 @@ def test_uf_unmatched_columns():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"prompt": ""}, "row 1: missing prompt"),
+    ({"prompt": ""}, "row 1: empty prompt"),
     ({"responses": ["d", None, "ff"]}, r"row 1: missing response \[1\]"),
     ({"ref_logps": [-1.0, -2.0]}, "row 1: 3 responses but 2 ref_logps values"),
 ])

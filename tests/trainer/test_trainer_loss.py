@@ -232,6 +232,15 @@ def test_pairwise_losses_need_two_responses(tmp_path):
         make_trainer(tmp_path, tiny_llama(len(char_tokenizer())), reward_rows(2), loss_type="dpo")
 
 
+def test_unusable_settings_refused_before_the_reference_pass(tmp_path):
+    tok = char_tokenizer()
+    with pytest.raises(ValueError, match="backend='cuda' cannot run on the training device cpu"):
+        make_trainer(tmp_path, tiny_llama(len(tok)), reward_rows(2), backend="cuda")
+    with pytest.raises(ValueError, match="compute_metrics is not supported"):
+        NCATrainer(tiny_llama(len(tok)), NCAConfig(**_settings(tmp_path)),
+                   train_dataset=Dataset.from_list(reward_rows(2)), processing_class=tok, compute_metrics=lambda p: {})
+
+
 def test_training_logs_metrics_and_evaluates(tmp_path):
     tok = char_tokenizer()
     rows = reward_rows(8)

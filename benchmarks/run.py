@@ -82,6 +82,11 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def failure(exc: BaseException) -> dict:
+    """The status and reason of a row whose implementation raised."""
+    return {"status": "oom" if is_oom(exc) else "error", "reason": f"{type(exc).__name__}: {exc}"[:300]}
+
+
 def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -112,21 +117,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(steps: dict, device: torch.device, reps: int, warmup: int):
+def time_interleaved(steps: dict, device: torch.device, reps: int, warmup: int, failed: dict | None = None):
     """Milliseconds per step: ``warmup`` untimed rounds, then ``reps`` rounds, each round running
     every implementation once in turn, so machine noise hits all of them alike. Also returns each
-    step's last output (checked against float64 afterwards, so no extra run is needed)."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
+    step's last output (checked against float64 afterwards, so no extra run is needed).
+    With ``failed`` (a dict), a step that raises (a peer's first compilation, say) is recorded there
+    by name and left out of the later rounds; without it, the error propagates."""
+    steps = dict(steps)
     times, last = {name: [] for name in steps}, {}
-    for rep in range(reps):
-        for name, step in steps.items():
+    for rep in range(-warmup, reps):
+        for name, step in list(steps.items()):
             sync(device)
             t0 = time.perf_counter()
-            out = step()
-            sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            try:
+                out = step()
+                sync(device)
+            except Exception as exc:
+                if failed is None:
+                    raise
+                failed[name] = exc
+                del steps[name], times[name]
+                continue
+            if rep >= 0:
+                times[name].append((time.perf_counter() - t0) * 1e3)
             if rep == reps - 1:
                 last[name] = out
     return times, last
@@ -240,7 +253,7 @@ def run_case(case: Case, device: torch.device, opts, args) -> list[dict]:
         try:
             prep = adapter(problem, device, opts)
         except Exception as exc:  # a peer that breaks is reported, not fatal
-            row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
+            row.update(failure(exc), status="error")
             continue
         if isinstance(prep, str):
             row.update(status="skip", reason=prep)
@@ -252,13 +265,19 @@ def run_case(case: Case, device: torch.device, opts, args) -> list[dict]:
                 row["note"] = "; ".join(x for x in (row["note"], "peak metered eagerly") if x)
             prepared[name] = prep
         except Exception as exc:
-            row.update(status="oom" if is_oom(exc) else "error", reason=f"{type(exc).__name__}: {exc}"[:300])
+            row.update(failure(exc))
             clear(prep)
             free(device)
     # time
     last = {}
     if device.type == "cpu":
-        times, last = time_interleaved({n: p.step for n, p in prepared.items()}, device, args.reps, args.warmup)
+        failed = {}
+        times, last = time_interleaved({n: p.step for n, p in prepared.items()}, device, args.reps, args.warmup,
+                                       failed)
+        for n, exc in failed.items():
+            rows[n].update(failure(exc))
+            clear(prepared.pop(n))
+        free(device)
         for n, p in prepared.items():
             rows[n]["times_ms"] = [round(t, 3) for t in times[n]]
             rows[n]["median_ms"] = statistics.median(times[n])
@@ -274,7 +293,7 @@ def run_case(case: Case, device: torch.device, opts, args) -> list[dict]:
                 else:
                     rows[n]["median_ms"] = time_do_bench(p.step, args.rep_ms)
             except Exception as exc:
-                rows[n].update(status="oom" if is_oom(exc) else "error", reason=f"{type(exc).__name__}: {exc}"[:300])
+                rows[n].update(failure(exc))
                 prepared.pop(n)
             clear(p)
             free(device)
@@ -340,7 +359,7 @@ def fits_search(device: torch.device, opts, args, deadline) -> list[dict]:
                 out[name]["fits_tokens"] = n_tok
             except Exception as exc:
                 if not is_oom(exc):
-                    out[name].update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
+                    out[name].update(failure(exc))
                 out[name]["first_oom_tokens"] = n_tok if is_oom(exc) else None
                 alive.pop(name)
             prep = None
@@ -358,15 +377,15 @@ def fits_search(device: torch.device, opts, args, deadline) -> list[dict]:
 
 
 def source_state() -> str | None:
-    """The commit the package was measured at, "+dirty" when nca_kernels/ had local changes."""
+    """The commit the package was measured at, "+dirty" when the package or the harness had local changes."""
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "nca_kernels"], cwd=root, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "nca_kernels", "benchmarks/*.py"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+dirty" if dirty else "") if head else None  # None outside a git checkout
@@ -385,7 +404,8 @@ def device_name(device: torch.device) -> str:
 
 
 def fmt(x, spec):
-    return "-" if x is None else format(x, spec)
+    """``x`` formatted, or a dash as wide as ``spec`` asks."""
+    return format("-", f">{spec.split('.')[0]}") if x is None else format(x, spec)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -501,7 +521,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--fit-start", type=int, default=4096)
     ap.add_argument("--fit-max", type=int, default=1 << 19)
     ap.add_argument("--time-budget", type=float, default=None,
-                    help="seconds; cases not started by then are recorded as skipped")
+                    help="seconds; cases not started by then are recorded as skipped (CPU --quick: 240)")
     ap.add_argument("--reps", type=int, default=None, help="CPU timed rounds (default 5, quick 3, smoke 1)")
     ap.add_argument("--warmup", type=int, default=None,
                     help="CPU untimed rounds after the (untimed) memory run (default 1, quick/smoke 0)")
@@ -510,7 +530,7 @@ def main(argv=None) -> dict:
                     help="run Liger/CCE without torch.compile (default on CPU with --quick/--smoke)")
     ap.add_argument("--err-flops", type=float, default=None,
                     help="largest float64 reference (6*S*T*H*V flops) checked at full size; larger cases are "
-                         f"checked on a reduced instance (default {ERR_FLOPS}, CPU --quick 1e11)")
+                         f"checked on a reduced instance (default {ERR_FLOPS}, CPU --quick 1.2e11)")
     ap.add_argument("--logits", choices=("random", "peaked"), default="random",
                     help="inputs: random weights (flat softmax), or trained-looking peaked logits (peers.peaked), "
                          "the only inputs on which the gradient-filtering rows run")
@@ -523,7 +543,9 @@ def main(argv=None) -> dict:
     if args.warmup is None:
         args.warmup = 0 if (args.quick or args.smoke) else 1
     if args.err_flops is None:
-        args.err_flops = 1e11 if (args.quick and args.device == "cpu") else ERR_FLOPS[args.device]
+        args.err_flops = 1.2e11 if (args.quick and args.device == "cpu") else ERR_FLOPS[args.device]
+    if args.time_budget is None and args.quick and args.device == "cpu":
+        args.time_budget = 240.0
     if args.reps is None:
         args.reps = 1 if args.smoke else 3 if (args.quick or args.device == "cuda") else 5
     device = torch.device(args.device)
@@ -549,9 +571,11 @@ def main(argv=None) -> dict:
         "versions": peers.versions(), "source": source_state(), "python": platform.python_version(),
         "argv": sys.argv[1:] if argv is None else list(argv),
         "peers_compiled": opts.compile_peers,
+        "settings": {k: getattr(args, k) for k in ("reps", "warmup", "err_flops", "rep_ms", "time_budget", "logits")},
+        "torch_threads": torch.get_num_threads(),
         "method": {"peak": "benchmarks/memory.py peak_bytes",
-                   "time": "median of interleaved rounds after warm-up" if device.type == "cpu"
-                   else "triton.testing.do_bench median",
+                   "time": f"median of {args.reps} interleaved rounds after {args.warmup} warm-up rounds"
+                   if device.type == "cpu" else "triton.testing.do_bench median",
                    "grad_err": "max |g - g64| / max |g64| over dhidden and dweight, float64 naive reference"},
         "rows": [], "fits": [],
     }

@@ -1,4 +1,4 @@
-"""pytest-benchmark suite: the same cases and adapters as run.py.
+"""pytest-benchmark suite: run.py's adapters and measurements on two of its cases per device.
 
     pytest benchmarks --benchmark-only
 
@@ -66,5 +66,5 @@ def test_fwd_bwd(benchmark, impl, case):
     err = run.check_error(IMPLS[impl], prepared, problem, case, DEVICE, OPTS, REFS, DEVICE,
                           err_flops=run.ERR_FLOPS[DEVICE.type])
     benchmark.extra_info.update(err)
-    if "grad_err" in err and not impl.startswith("cce"):  # CCE filters small gradients by design
+    if "grad_err" in err and impl != "cce":  # CCE's default filters small gradients by design
         assert err["grad_err"] < (1e-4 if case.dtype == "fp32" else 5e-2), err

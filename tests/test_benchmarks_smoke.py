@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -178,3 +180,26 @@ def test_run_quick(tmp_path):
     ours = [r for r in rows if r["impl"] in ("naive", "ours[torch,recompute]", "ours[torch,group]")]
     assert len(ours) == 3 * 4 and all(r["status"] == "ok" and r["grad_err"] < 1e-4 for r in ours), ours
     assert "issue-2 targets" in proc.stdout and md.read_text().count("**") >= 8 and png.stat().st_size > 0
+
+
+def test_a_failing_step_is_recorded_not_fatal():
+    """An implementation that raises while timed (a peer's first compilation, say) leaves the round
+    robin with its error; the others keep their times and outputs."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from benchmarks import run
+
+    calls = []
+
+    def broken():
+        calls.append("broken")
+        raise RuntimeError("compile failed")
+
+    failed = {}
+    times, last = run.time_interleaved({"ok": lambda: 7, "broken": broken}, torch.device("cpu"), 3, 1, failed)
+    assert list(times) == ["ok"] and len(times["ok"]) == 3 and last == {"ok": 7}
+    assert str(failed["broken"]) == "compile failed" and calls == ["broken"]
+    assert run.failure(failed["broken"]) == {"status": "error", "reason": "RuntimeError: compile failed"}
+    with pytest.raises(RuntimeError, match="compile failed"):  # without a failed dict the error propagates
+        run.time_interleaved({"broken": broken}, torch.device("cpu"), 1, 0)

@@ -203,3 +203,57 @@ def test_a_failing_step_is_recorded_not_fatal():
     assert run.failure(failed["broken"]) == {"status": "error", "reason": "RuntimeError: compile failed"}
     with pytest.raises(RuntimeError, match="compile failed"):  # without a failed dict the error propagates
         run.time_interleaved({"broken": broken}, torch.device("cpu"), 1, 0)
+
+
+def test_failure_status_and_reason():
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from benchmarks import run
+
+    assert run.failure(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried"))["status"] == "oom"
+    assert run.failure(RuntimeError("DefaultCPUAllocator: can't allocate memory: out of memory"))["status"] == "oom"
+    long = run.failure(ValueError("x" * 1000))
+    assert long["status"] == "error" and long["reason"] == ("ValueError: " + "x" * 1000)[:300]
+
+
+def test_run_case_drops_a_step_that_fails_while_timed(monkeypatch):
+    import argparse
+
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from benchmarks import peers, run
+
+    def flaky(problem, device, opts):
+        prep = peers.naive(problem, device, opts)
+        calls, step = [], prep.step
+
+        def later_fails():
+            calls.append(1)
+            if len(calls) > 1:  # the memory run passes, the timed round does not
+                raise RuntimeError("compile failed")
+            return step()
+
+        prep.step = later_fails
+        return prep
+
+    monkeypatch.setattr(peers, "implementations", lambda device: {"naive": peers.naive, "flaky": flaky})
+    args = argparse.Namespace(only=None, skip=None, reps=1, warmup=0, err_flops=1e12)
+    case = peers.Case("t", B=1, K=2, T=8, H=8, V=32)
+    rows = {r["impl"]: r for r in run.run_case(case, torch.device("cpu"), peers.Options(compile_peers=False), args)}
+    assert rows["flaky"]["status"] == "error" and rows["flaky"]["reason"] == "RuntimeError: compile failed"
+    assert "median_ms" not in rows["flaky"] and "grad_err" not in rows["flaky"]
+    assert rows["naive"]["status"] == "ok" and rows["naive"]["median_ms"] > 0 and rows["naive"]["grad_err"] < 1e-4
+
+
+def test_quick_cpu_settings_are_recorded():
+    sys.path.insert(0, ROOT)
+    from benchmarks import run
+
+    result = run.main(["--device", "cpu", "--quick", "--cases", "no-such-case"])
+    settings = result["settings"]
+    assert result["rows"] == [] and settings["time_budget"] == 240.0 and settings["err_flops"] == 1.2e11
+    assert (settings["reps"], settings["warmup"]) == (3, 0)
+    given = run.main(["--device", "cpu", "--quick", "--cases", "no-such-case", "--time-budget", "5"])
+    assert given["settings"]["time_budget"] == 5

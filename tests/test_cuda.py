@@ -57,20 +57,23 @@ def test_there_are_kernels_to_compile():
 # ----------------------------------------------------------------------------- python side (CPU)
 
 
-def test_cpu_reason_names_the_problem_and_the_build():
-    reason = unavailable_reason("cuda", torch.device("cpu"))
-    assert reason is not None
-    if torch.version.cuda is None:  # CPU torch: no extension can exist, the message says how to get one
+def test_reasons_name_the_problem_and_the_build(monkeypatch):
+    """CPU tensors are refused before any build is tried; on a CUDA device an unbuilt extension's
+    reason says how to build it (a CPU torch here: no extension can exist)."""
+    built = []
+    monkeypatch.setattr(cuda, "_extension", lambda: built.append(1) or "unbuilt")
+    want = "backend 'cuda' needs tensors on a CUDA device, got device cpu"
+    assert unavailable_reason("cuda", torch.device("cpu")) == want
+    assert not built and unavailable_reason("cuda", torch.device("cuda")) == "unbuilt"
+    monkeypatch.undo()
+    if torch.version.cuda is None:
+        reason = unavailable_reason("cuda", torch.device("cuda"))
         assert "CPU build" in reason and "pip install -e . --no-build-isolation" in reason
-    elif isinstance(cuda._extension(), str):
-        assert "not built" in reason
-    else:
-        assert "needs tensors on a CUDA device" in reason and "cpu" in reason
 
 
 def test_backend_cuda_on_cpu_raises_runtime_error():
     b = make_batch(dtype=torch.float32, seed=0)
-    expected = "pip install -e" if torch.version.cuda is None else "backend 'cuda'"
+    expected = "backend 'cuda' needs tensors on a CUDA device"
     with pytest.raises(RuntimeError, match=expected):
         nca_kernels.fused_nca_loss(b.hidden, b.weight, b.labels, b.rewards, b.ref_logps, beta=0.1, alpha=0.5,
                                    backend="cuda", recompute=False)

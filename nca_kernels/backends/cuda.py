@@ -49,12 +49,10 @@ def _extension():
 
 
 def available(device: torch.device) -> str | None:
-    ext = _extension()
-    if isinstance(ext, str):
-        return ext
-    if device.type != "cuda":
+    if device.type != "cuda":  # before the extension: no JIT build for tensors it could not take
         return f"backend 'cuda' needs tensors on a CUDA device, got device {device}"
-    return None
+    ext = _extension()
+    return ext if isinstance(ext, str) else None
 
 
 def logits_forward(logits2d, index, targets):

@@ -7,8 +7,8 @@ Accepted layouts, detected from the column names:
    ``score_A0 .. score_A{K-1}``.
 3. ``pairwise``: ``prompt``, ``chosen``, ``rejected``; K=2 with alpha=0 semantics (DPO / nca_pair).
    Without ``prompt`` (TRL's implicit prompt) the prompt is what ``chosen`` and ``rejected`` share:
-   their common leading messages, or for strings their common leading text (a space at its end
-   left to the responses).
+   their common leading messages (they must part at the assistant's turn), or for strings their
+   common leading text (a space at its end left to the responses).
 
 Prompts and responses are strings, or chat message lists (``[{"role": ..., "content": ...}]``)
 rendered with the tokenizer's chat template; a response list may repeat the prompt's messages
@@ -16,7 +16,8 @@ first (full conversations, as in UltraFeedback), they are dropped.
 
 Truncation, when the prompt plus the longest response exceeds ``max_length`` tokens (tokenised
 rows too): the prompt is cut first, to its last ``max_prompt_length`` tokens; then every response
-is cut to the tokens that still fit. Row numbers in errors count from 0.
+is cut to the tokens that still fit. A row that carries reference log-probs is refused instead
+(they score it uncut). Row numbers in errors count from 0.
 """
 
 from __future__ import annotations
@@ -79,20 +80,26 @@ def _ultrafeedback_k(columns) -> int:
 
 
 def _implicit_prompt(idx: int, chosen, rejected) -> tuple:
-    """``(prompt, chosen, rejected)``: the prompt is the messages (or text) both responses start with."""
-    if _is_messages(chosen) and _is_messages(rejected):
-        n = 0
-        while n < min(len(chosen), len(rejected)) and _turns(chosen[n: n + 1]) == _turns(rejected[n: n + 1]):
-            n += 1
+    """``(prompt, chosen, rejected)``: the prompt is the messages (or text) both responses start with;
+    a space ending the shared text goes to the responses, as TRL's ``extract_prompt`` leaves it."""
+    chat = _is_messages(chosen) and _is_messages(rejected)
+    if chat:
+        shared = _turns(chosen), _turns(rejected)
+        n = next((i for i, (a, b) in enumerate(zip(*shared)) if a != b), min(map(len, shared)))
     elif isinstance(chosen, str) and isinstance(rejected, str):
         n = len(os.path.commonprefix([chosen, rejected]))
-        n -= n > 0 and chosen[n - 1] == " "
     else:
         raise ValueError(f"row {idx}: without a prompt column, chosen and rejected must both be strings or both "
                          "chat message lists")
-    if n == 0 or n == len(chosen) or n == len(rejected):
+    problem = ("they are identical" if len(chosen) == len(rejected) == n else "nothing is shared" if n == 0
+               else "one is all prompt" if n in (len(chosen), len(rejected))
+               else "they differ from a turn that is not the assistant's"
+               if chat and {chosen[n]["role"], rejected[n]["role"]} != {"assistant"} else None)
+    if problem:
         raise ValueError(f"row {idx}: without a prompt column, chosen and rejected must start with a shared prompt "
-                         f"and go on to differ ({'nothing is shared' if n == 0 else 'one is all prompt'})")
+                         f"and go on to differ in the assistant's reply ({problem})")
+    if not chat and chosen[n - 1] == " ":
+        n -= 1
     return chosen[:n], chosen[n:], rejected[n:]
 
 
@@ -228,11 +235,20 @@ def _check_lengths(max_length: int, max_prompt_length: int) -> None:
                          f"max_length={max_length}")
 
 
-def _truncate(prompt_ids: list, responses: list, lead: list, max_length: int, max_prompt_length: int) -> tuple:
-    """A row's ``(prompt_ids, responses)`` within ``max_length`` (module doc); the tokenizer's leading
-    tokens ``lead`` are kept where they fit."""
+def _too_long(idx: int, prompt_ids: list, responses: list, max_length: int, ref_logps) -> bool:
+    """Whether a row needs truncation; a ValueError when it carries reference log-probs, which score it uncut."""
     if len(prompt_ids) + max(map(len, responses)) <= max_length:
-        return prompt_ids, responses
+        return False
+    if ref_logps is not None:
+        raise ValueError(f"row {idx}: longer than max_length={max_length} tokens, so it would be cut, but its "
+                         "precomputed ref_logps score it uncut: raise max_length, or drop the ref_logps column to "
+                         "have them computed on the cut row")
+    return True
+
+
+def _truncate(prompt_ids: list, responses: list, lead: list, max_length: int, max_prompt_length: int) -> tuple:
+    """A too long row's ``(prompt_ids, responses)`` within ``max_length`` (module doc); the tokenizer's
+    leading tokens ``lead`` are kept where they fit."""
     head = len(lead) if prompt_ids[: len(lead)] == lead and len(lead) < max_prompt_length else 0
     prompt_ids = prompt_ids[:head] + prompt_ids[head:][-(max_prompt_length - head):]
     return prompt_ids, [r[: max_length - len(prompt_ids)] for r in responses]
@@ -259,7 +275,8 @@ def tokenize(dataset: Dataset, tokenizer, max_length: int, max_prompt_length: in
             if not ids:  # its log-prob would be 0: probability one, whatever the model
                 raise ValueError(f"row {idx}: response {len(responses)} has no tokens (empty, and no EOS to end it)")
             responses.append(ids)
-        prompt_ids, responses = _truncate(prompt_ids, responses, lead, max_length, max_prompt_length)
+        if _too_long(idx, prompt_ids, responses, max_length, row.get("ref_logps")):
+            prompt_ids, responses = _truncate(prompt_ids, responses, lead, max_length, max_prompt_length)
         out = {"prompt_ids": prompt_ids, "response_ids": responses, "rewards": row["rewards"]}
         return {**out, "ref_logps": row["ref_logps"]} if "ref_logps" in row else out
 
@@ -296,20 +313,23 @@ def _check_tokenized(dataset: Dataset, tokenizer, max_length: int, max_prompt_le
         if not all(responses):
             raise ValueError(f"row {idx}: response {[len(r) for r in responses].index(0)} has no tokens")
         for name, ids in (("prompt_ids", prompt_ids), *((f"response_ids {i}", r) for i, r in enumerate(responses))):
-            for t in (min(ids), max(ids)):
+            ends = (None,) if None in ids else (min(ids), max(ids))
+            for t in ends:
                 if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                     raise ValueError(f"row {idx}: {name} holds {t!r}, not a token id of the tokenizer (0 to "
                                      f"{vocab - 1})")
-        too_long |= len(prompt_ids) + max(map(len, responses)) > max_length
+        too_long |= _too_long(idx, prompt_ids, responses, max_length, None if refs is None else refs[idx])
     if not too_long:
         return dataset
     lead = _leading_special_tokens(tokenizer)
 
-    def cut(row):
-        prompt_ids, responses = _truncate(row["prompt_ids"], row["response_ids"], lead, max_length, max_prompt_length)
+    def cut(row, idx):
+        prompt_ids, responses = row["prompt_ids"], row["response_ids"]
+        if _too_long(idx, prompt_ids, responses, max_length, None):
+            prompt_ids, responses = _truncate(prompt_ids, responses, lead, max_length, max_prompt_length)
         return {"prompt_ids": prompt_ids, "response_ids": responses}
 
-    return dataset.map(cut, desc="Truncating")
+    return dataset.map(cut, with_indices=True, desc="Truncating")
 
 
 @dataclass

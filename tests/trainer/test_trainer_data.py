@@ -287,6 +287,65 @@ def test_implicit_prompt():
             normalize(Dataset.from_list([row]))
 
 
+def test_implicit_prompt_edges():
+    user = [{"role": "user", "content": "hi"}]
+    chosen = [*user, {"role": "assistant", "content": "yes"}]
+    rejected = [{**m, "name": None} for m in [*user, {"role": "assistant", "content": "no"}]]  # extra keys
+    out = normalize(Dataset.from_list([{"chosen": chosen, "rejected": rejected}]))[0][0]
+    assert out["prompt"] == user and [r[0]["content"] for r in out["responses"]] == ["yes", "no"]
+    turns = [*chosen, {"role": "user", "content": "more"}]
+    assert normalize(Dataset.from_list([{"chosen": [*turns, {"role": "assistant", "content": "a"}],
+                                         "rejected": [*turns, {"role": "assistant", "content": "b"}]}]))[0][0][
+        "prompt"] == turns  # multi-turn: the shared part may hold assistant turns
+    for row, problem in (({"chosen": "yes ", "rejected": "no"}, "nothing is shared"),
+                         ({"chosen": "Q: ab", "rejected": "Q: a"}, "one is all prompt"),
+                         ({"chosen": "Q: a ", "rejected": "Q: a "}, "they are identical"),
+                         ({"chosen": [*chosen, {"role": "user", "content": "x"}],
+                           "rejected": [*chosen, {"role": "user", "content": "y"}]},
+                          "they differ from a turn that is not the assistant's")):
+        with pytest.raises(ValueError, match=re.escape(f"row 0: without a prompt column, chosen and rejected must "
+                                                       f"start with a shared prompt and go on to differ in the "
+                                                       f"assistant's reply ({problem})")):
+            normalize(Dataset.from_list([row]))
+    rows = [{"prompt": p, "chosen": "Q: a", "rejected": "Q: b"} for p in ("Q:", None)]
+    with pytest.raises(ValueError, match=re.escape("row 1: missing prompt")):  # a prompt column is never inferred
+        normalize(Dataset.from_list(rows))
+
+
+def test_pretokenised_ids_must_be_ints_of_the_whole_tokenizer():
+    tok = char_tokenizer()
+    good = {"prompt_ids": [1, 5], "response_ids": [[6, 2], [7, 2]], "rewards": [1.0, 0.0]}
+    for bad, held in (({"prompt_ids": [1.0, 5.0]}, "1.0"), ({"response_ids": [[True], [True]]}, "True"),
+                      ({"prompt_ids": [1, None, 5]}, "None")):
+        with pytest.raises(ValueError, match=re.escape(f"row 0: {next(iter(bad))}") + ".* holds " + held):
+            prepare_dataset(Dataset.from_list([{**good, **bad}]), tok, 64, 32)
+    tok.add_tokens(["<extra>"])  # added tokens count: len(tokenizer), not its base vocab_size
+    assert len(tok) > tok.vocab_size
+    row = {**good, "response_ids": [[6, len(tok) - 1], [7, 2]]}
+    assert prepare_dataset(Dataset.from_list([row]), tok, 64, 32)[0].to_list() == [row]
+
+
+def test_pretokenised_prompt_without_bos_keeps_its_last_tokens():
+    tok = char_tokenizer()
+    row = {"prompt_ids": list(range(10, 20)), "response_ids": [[30] * 8, [31, 2]], "rewards": [1.0, 0.0]}
+    got = prepare_dataset(Dataset.from_list([row]), tok, 12, 4)[0][0]
+    assert got["prompt_ids"] == [16, 17, 18, 19] and got["response_ids"] == [[30] * 8, [31, 2]]
+
+
+def test_rows_cut_with_precomputed_reference_refused():
+    """Reference log-probs given with the data score the row uncut: a row that must be cut is refused."""
+    tok = char_tokenizer()
+    ref = {"rewards": [1.0, 0.0], "ref_logps": [-3.0, -1.0]}
+    for short, long in (({"prompt_ids": [5], "response_ids": [[6], [7]]},
+                         {"prompt_ids": [5] * 20, "response_ids": [[6] * 20, [7] * 3]}),
+                        ({"prompt": "p", "responses": ["a", "b"]}, {"prompt": "p" * 20, "responses": ["a" * 20, "b"]})):
+        rows = Dataset.from_list([{**short, **ref}, {**short, **ref}, {**long, **ref}])
+        with pytest.raises(ValueError, match="row 2: longer than max_length=16 tokens, so it would be cut, but its "
+                                             "precomputed ref_logps score it uncut"):
+            prepare_dataset(rows, tok, 16, 8)
+        assert prepare_dataset(rows, tok, 64, 32)[0]["ref_logps"] == [[-3.0, -1.0]] * 3
+
+
 def test_trl_reference_columns():
     pair = {"prompt": "p", "chosen": "a", "rejected": "b"}
     with pytest.raises(ValueError, match="row 0: ref_logps 0 is None"):  # one column alone is not enough

@@ -91,10 +91,16 @@ def _implicit_prompt(idx: int, chosen, rejected) -> tuple:
     else:
         raise ValueError(f"row {idx}: without a prompt column, chosen and rejected must both be strings or both "
                          "chat message lists")
-    problem = ("they are identical" if len(chosen) == len(rejected) == n else "nothing is shared" if n == 0
-               else "one is all prompt" if n in (len(chosen), len(rejected))
-               else "they differ from a turn that is not the assistant's"
-               if chat and {chosen[n]["role"], rejected[n]["role"]} != {"assistant"} else None)
+    if n == len(chosen) == len(rejected):
+        problem = "they are identical"
+    elif n == 0:
+        problem = "nothing is shared"
+    elif n in (len(chosen), len(rejected)):
+        problem = "one is all prompt"
+    elif chat and {chosen[n]["role"], rejected[n]["role"]} != {"assistant"}:
+        problem = "they differ from a turn that is not the assistant's"
+    else:
+        problem = None
     if problem:
         raise ValueError(f"row {idx}: without a prompt column, chosen and rejected must start with a shared prompt "
                          f"and go on to differ in the assistant's reply ({problem})")

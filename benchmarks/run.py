@@ -192,10 +192,16 @@ def grad_error(got, ref) -> dict:
 
 
 class References:
-    """float64 references, one per (problem, solved variant), computed on first use."""
+    """float64 references, one per (problem, solved variant), computed on first use; and the reduced
+    instances' problems, one per case, so that every implementation checked on one shares its references."""
 
     def __init__(self, device: torch.device):
-        self.device, self.cache = device, {}
+        self.device, self.cache, self.problems = device, {}, {}
+
+    def problem(self, case: Case, device: torch.device) -> peers.Problem:
+        if case not in self.problems:
+            self.problems[case] = peers.make_problem(case, device)
+        return self.problems[case]
 
     def get(self, problem: peers.Problem):
         key = (id(problem.hidden), problem.loss_type, problem.alpha, problem.beta,
@@ -207,7 +213,7 @@ class References:
         return self.cache[key][1]
 
 
-def check_error(adapter, prepared, problem, case, device, opts, refs, ref_device, got=None,
+def check_error(adapter, prepared, problem, case, device, opts, refs, got=None,
                 err_flops=ERR_FLOPS["cpu"]) -> dict:
     """Error of a step's output (``got``, else one more step) against float64; on a reduced
     instance when the float64 reference of the case would cost more than ``err_flops``."""
@@ -220,15 +226,15 @@ def check_error(adapter, prepared, problem, case, device, opts, refs, ref_device
         out = grad_error((got[0], *prepared.to_canonical(got[1], got[2])), refs.get(solved))
         clear(prepared)
         return out
-    sp = peers.make_problem(small, device)
+    sp = refs.problem(small, device)
     sprep = adapter(sp, device, opts)
     if isinstance(sprep, str):
         return {"err_note": sprep}
     got = sprep.step()
-    out = grad_error((got[0], *sprep.to_canonical(got[1], got[2])),
-                     References(ref_device).get(sprep.solves or sp))
+    out = grad_error((got[0], *sprep.to_canonical(got[1], got[2])), refs.get(sprep.solves or sp))
     out["err_on"] = small.label()
-    del sp, sprep, got
+    clear(sprep)
+    del sprep, got
     free(device)
     return out
 
@@ -245,8 +251,7 @@ def run_case(case: Case, device: torch.device, opts, args) -> list[dict]:
     if case.floor:
         impls["three_matmuls"] = peers.three_matmuls
     problem = peers.make_problem(case, device)
-    ref_device = device
-    refs = References(ref_device)
+    refs = References(device)
     rows, prepared = {}, {}
     for name, adapter in impls.items():
         row = rows[name] = base_row(name, case)
@@ -300,7 +305,7 @@ def run_case(case: Case, device: torch.device, opts, args) -> list[dict]:
     # errors
     for n, p in prepared.items():
         try:
-            rows[n].update(check_error(impls[n], p, problem, case, device, opts, refs, ref_device, last.pop(n, None),
+            rows[n].update(check_error(impls[n], p, problem, case, device, opts, refs, last.pop(n, None),
                                        args.err_flops))
         except Exception as exc:
             rows[n]["err_note"] = f"{type(exc).__name__}: {exc}"[:300]

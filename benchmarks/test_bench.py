@@ -63,7 +63,7 @@ def test_fwd_bwd(benchmark, impl, case):
     benchmark.pedantic(_synced(prepared.step), setup=lambda: run.sync(DEVICE), rounds=3 if DEVICE.type == "cpu" else 10,
                        warmup_rounds=1)
     run.clear(prepared)
-    err = run.check_error(IMPLS[impl], prepared, problem, case, DEVICE, OPTS, REFS, DEVICE,
+    err = run.check_error(IMPLS[impl], prepared, problem, case, DEVICE, OPTS, REFS,
                           err_flops=run.ERR_FLOPS[DEVICE.type])
     benchmark.extra_info.update(err)
     if "grad_err" in err and impl != "cce":  # CCE's default filters small gradients by design

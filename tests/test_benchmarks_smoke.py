@@ -257,3 +257,25 @@ def test_quick_cpu_settings_are_recorded():
     assert (settings["reps"], settings["warmup"]) == (3, 0)
     given = run.main(["--device", "cpu", "--quick", "--cases", "no-such-case", "--time-budget", "5"])
     assert given["settings"]["time_budget"] == 5
+
+
+def test_reduced_instances_share_their_reference(monkeypatch):
+    """Implementations checked on a reduced instance of one case share one float64 reference."""
+    import argparse
+
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from benchmarks import peers, run
+
+    calls = []
+    reference_grads = run.reference_grads
+    monkeypatch.setattr(run, "reference_grads", lambda *a, **k: calls.append(1) or reference_grads(*a, **k))
+    impls = {n: peers.implementations(torch.device("cpu"))[n] for n in ("naive", "ours[torch,recompute]",
+                                                                         "ours[torch,group]")}
+    monkeypatch.setattr(peers, "implementations", lambda device: impls)
+    case = peers.Case("t", B=4, K=2, T=16, H=8, V=40)
+    args = argparse.Namespace(only=None, skip=None, reps=1, warmup=0, err_flops=case.reference_flops / 3)
+    rows = run.run_case(case, torch.device("cpu"), peers.Options(compile_peers=False), args)
+    assert len(rows) == 3 and all(r["err_on"] and r["grad_err"] < 1e-5 for r in rows), rows
+    assert len(calls) == 1

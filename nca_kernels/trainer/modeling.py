@@ -58,26 +58,35 @@ def check_lm_head(model):
     return head
 
 
+#: Models whose ``logits_scaling`` multiplies the logits; Granite's and MiniCPM3's divide them.
+LOGITS_SCALING_MULTIPLIES = frozenset({"hyperclovax"})
+#: Config fields holding a final logit softcap: Gemma 2/3 (and others), RecurrentGemma.
+SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap")
+
+
 def logit_multiplier(model) -> float:
     """The constant a model multiplies its logits by after the LM head: Cohere's ``logit_scale``,
-    one over Granite's ``logits_scaling``; 1 for most models."""
+    Falcon-H1's ``lm_head_multiplier``, one over Granite's and MiniCPM3's ``logits_scaling``
+    (HyperCLOVA X multiplies by its own); 1 for most models."""
     cfg = _base(model).config
-    return float(getattr(cfg, "logit_scale", None) or 1.0) / float(getattr(cfg, "logits_scaling", None) or 1.0)
+    scale = float(getattr(cfg, "logit_scale", None) or 1.0) * float(getattr(cfg, "lm_head_multiplier", None) or 1.0)
+    scaling = float(getattr(cfg, "logits_scaling", None) or 1.0)
+    return scale * scaling if getattr(cfg, "model_type", None) in LOGITS_SCALING_MULTIPLIES else scale / scaling
 
 
 def head_operands(model, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
     """``(hidden, weight, bias, softcap)``: the model's logits are ``hidden @ weight.T + bias``, capped
-    to ``softcap * tanh(logits / softcap)`` when softcap is not None (Gemma 2's
-    ``final_logit_softcapping``). The LM-head weight ``(V, H)`` and bias (or None) come in hidden's
-    dtype (tied embeddings share the weight), the model's constant logit multiplier folded into
-    hidden and bias."""
+    to ``softcap * tanh(logits / softcap)`` when softcap is not None (:data:`SOFTCAP_FIELDS`). The
+    LM-head weight ``(V, H)`` and bias (or None) come in hidden's dtype (tied embeddings share the
+    weight), the model's constant logit multiplier folded into hidden and bias."""
     head = check_lm_head(model)
     bias = getattr(head, "bias", None)
     weight, bias = head.weight.to(hidden.dtype), (None if bias is None else bias.to(hidden.dtype))
     scale = logit_multiplier(model)
     if scale != 1.0:
         hidden, bias = hidden * scale, (None if bias is None else bias * scale)
-    softcap = getattr(_base(model).config, "final_logit_softcapping", None)
+    cfg = _base(model).config
+    softcap = next((getattr(cfg, f) for f in SOFTCAP_FIELDS if getattr(cfg, f, None)), None)
     return hidden, weight, bias, (float(softcap) if softcap else None)
 
 

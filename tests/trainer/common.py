@@ -81,6 +81,37 @@ def tiny_gemma2(vocab: int, seed: int = 0) -> Gemma2ForCausalLM:
                  final_logit_softcapping=0.2)
 
 
+def tiny_recurrent_gemma(vocab: int, seed: int = 0):
+    """RecurrentGemma: logits capped by ``logits_soft_cap`` after the (tied) head."""
+    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+
+    return _tiny(RecurrentGemmaConfig, RecurrentGemmaForCausalLM, vocab, seed, num_key_value_heads=4, head_dim=8,
+                 lru_width=32, attention_window_size=16, block_types=["recurrent", "attention"], logits_soft_cap=0.2)
+
+
+def tiny_hyperclovax(vocab: int, seed: int = 0):
+    """HyperCLOVA X: logits multiplied by ``logits_scaling`` (Granite divides by its own)."""
+    from transformers import HyperCLOVAXConfig, HyperCLOVAXForCausalLM
+
+    return _tiny(HyperCLOVAXConfig, HyperCLOVAXForCausalLM, vocab, seed, num_key_value_heads=4, logits_scaling=4.0)
+
+
+def tiny_falcon_h1(vocab: int, seed: int = 0):
+    """Falcon-H1: logits multiplied by ``lm_head_multiplier``."""
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    return _tiny(FalconH1Config, FalconH1ForCausalLM, vocab, seed, num_key_value_heads=4, head_dim=8, mamba_d_ssm=32,
+                 mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1, lm_head_multiplier=0.25)
+
+
+def tiny_minicpm3(vocab: int, seed: int = 0):
+    """MiniCPM3: hidden states divided by ``logits_scaling`` (hidden_size / dim_model_base) before the head."""
+    from transformers import MiniCPM3Config, MiniCPM3ForCausalLM
+
+    return _tiny(MiniCPM3Config, MiniCPM3ForCausalLM, vocab, seed, num_key_value_heads=4, dim_model_base=8,
+                 qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, q_lora_rank=16, kv_lora_rank=16)
+
+
 def reward_rows(n: int = 8, k: int = 4, seed: int = 0) -> list[dict]:
     """Format-1 rows with responses of different lengths and distinct rewards."""
     g = torch.Generator().manual_seed(seed)

@@ -9,7 +9,19 @@ import torch
 from nca_kernels import reference
 from nca_kernels.trainer.modeling import head_operands
 
-from .common import char_tokenizer, reward_rows, tiny_cohere, tiny_gemma2, tiny_granite, tiny_llama, tiny_phi
+from .common import (
+    char_tokenizer,
+    reward_rows,
+    tiny_cohere,
+    tiny_falcon_h1,
+    tiny_gemma2,
+    tiny_granite,
+    tiny_hyperclovax,
+    tiny_llama,
+    tiny_minicpm3,
+    tiny_phi,
+    tiny_recurrent_gemma,
+)
 from .test_trainer_loss import make_trainer
 
 
@@ -19,17 +31,19 @@ def logits_of(model, hidden):
     return reference.cap(hidden @ weight.T + (0 if bias is None else bias), softcap)
 
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_phi, tiny_granite, tiny_cohere, tiny_gemma2])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_phi, tiny_granite, tiny_cohere, tiny_gemma2, tiny_recurrent_gemma,
+                                   tiny_hyperclovax, tiny_falcon_h1, tiny_minicpm3])
 def test_operands_give_the_models_logits(build):
-    """Tied and untied heads, a bias, Granite's ``logits_scaling``, Cohere's ``logit_scale`` and
-    Gemma 2's ``final_logit_softcapping``."""
+    """Tied and untied heads, a bias, Granite's and MiniCPM3's ``logits_scaling`` (divided),
+    HyperCLOVA X's (multiplied), Cohere's ``logit_scale``, Falcon-H1's ``lm_head_multiplier``, Gemma
+    2's ``final_logit_softcapping`` and RecurrentGemma's ``logits_soft_cap``."""
     model = build(len(char_tokenizer()))
     ids = torch.randint(3, 40, (2, 7))
     out = model(input_ids=ids, output_hidden_states=True)
     torch.testing.assert_close(logits_of(model, out.hidden_states[-1]), out.logits, rtol=1e-5, atol=1e-5)
     hidden, weight, _, softcap = head_operands(model, out.hidden_states[-1].bfloat16())
     assert hidden.dtype == weight.dtype == torch.bfloat16
-    assert (softcap is not None) == (build is tiny_gemma2)
+    assert (softcap is not None) == (build in (tiny_gemma2, tiny_recurrent_gemma))
 
 
 def test_logits_transformed_after_the_head_are_refused(tmp_path):

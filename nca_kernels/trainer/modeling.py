@@ -95,7 +95,7 @@ def _one_logit_kwargs(model) -> dict:
     for name in ("logits_to_keep", "num_logits_to_keep"):
         if name in params:
             return {name: 1}
-    raise TypeError(f"{type(_base(model)).__name__}.forward has no logits_to_keep: it would build the full logits")
+    raise ValueError(f"{type(_base(model)).__name__}.forward has no logits_to_keep: it would build the full logits")
 
 
 def _decoder(model):
@@ -105,7 +105,9 @@ def _decoder(model):
         decoder = base.get_decoder()
     except (AttributeError, NotImplementedError, ValueError):  # no decoder, or no rule to find it
         return None
-    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not base else None
+    if decoder is base or decoder is base.get_output_embeddings():  # ModernBERT's names its head the decoder
+        return None
+    return decoder if isinstance(decoder, torch.nn.Module) else None
 
 
 def _fsdp1(model) -> bool:
@@ -147,17 +149,25 @@ def last_hidden(model, unwrapped, batch: dict) -> tuple[torch.Tensor, torch.Tens
 def check_head_output(model, hidden, last_logits, weight, bias, softcap) -> None:
     """Raise a ValueError unless the model's last-position logits ``(S, V)`` are
     ``hidden[:, -1] @ weight.T + bias`` (capped by softcap), from the operands of
-    :func:`head_operands`, to 2% of the largest logit: 16-bit rounding passes, an adapted or otherwise
-    transformed head does not. The fused loss assumes exactly that head; a model that transforms
-    its logits after it in a way no config names would otherwise train on a wrong loss. The product
-    is formed in the weight's dtype: no copy of the weight."""
+    :func:`head_operands`, to 2% of the largest logit where any of them is 16-bit (its rounding
+    passes), else 0.3% (TF32 matmuls pass): an adapted or otherwise transformed head does not. The
+    fused loss assumes exactly that head; a model that transforms its logits after it in a way no
+    config names would otherwise train on a wrong loss. The product is formed in the weight's dtype:
+    no copy of the weight."""
+    name = type(_base(model)).__name__
+    if hidden.shape[-1] != weight.shape[1] or last_logits.shape[-1] != weight.shape[0]:
+        raise ValueError(f"{name}'s LM-head weight {tuple(weight.shape)} does not map its last hidden state (width "
+                         f"{hidden.shape[-1]}) to its logits (width {last_logits.shape[-1]}): the model transforms "
+                         "its hidden states before the head or its logits after it, which the fused loss does not "
+                         "model")
     want = last_logits.float()
     got = (hidden[:, -1] @ weight.t()).float()
     if bias is not None:
         got += bias.float()
     got = reference.cap(got, softcap)
     err, top = float((got - want).abs().max()), float(want.abs().max())
-    if err > 0.02 * top + 1e-4:
-        raise ValueError(f"{type(_base(model)).__name__}'s logits are not its last hidden state times the LM-head "
-                         f"weight (plus bias): they differ by up to {err:.3g} (largest logit {top:.3g}); the model "
-                         "transforms its logits after the head, which the fused loss does not model")
+    wide = all(x.element_size() >= 4 for x in (hidden, weight, last_logits))
+    if err > (0.003 if wide else 0.02) * top + 1e-4:
+        raise ValueError(f"{name}'s logits are not its last hidden state times the LM-head weight (plus bias): they "
+                         f"differ by up to {err:.3g} (largest logit {top:.3g}); the model transforms its logits after "
+                         "the head, which the fused loss does not model")

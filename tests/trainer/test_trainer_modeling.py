@@ -62,6 +62,49 @@ def test_logits_transformed_after_the_head_are_refused(tmp_path):
         make_trainer(tmp_path, model, reward_rows(2))
 
 
+def test_heads_that_are_not_the_last_hidden_state_times_the_weight_are_refused(tmp_path):
+    """A head fed from a narrower projection (ELECTRA), logits sliced to an unpadded vocabulary
+    (Inkling 2), a prediction head in front of the output Linear that the model names its decoder
+    (ModernBERT), and a float32 model whose logits are scaled by 1% after the head, which no config
+    names: each is refused with the reason, never a shape error or a wrong loss."""
+    from transformers import (
+        ElectraConfig,
+        ElectraForCausalLM,
+        Inkling2ForCausalLM,
+        Inkling2TextConfig,
+        ModernBertDecoderConfig,
+        ModernBertDecoderForCausalLM,
+    )
+
+    v = len(char_tokenizer())
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    cases = [
+        (ElectraForCausalLM(ElectraConfig(vocab_size=v, is_decoder=True, **sizes)),
+         rf"weight \({v}, 128\) does not map"),
+        (Inkling2ForCausalLM(Inkling2TextConfig(vocab_size=v + 5, unpadded_vocab_size=v, num_key_value_heads=4,
+                                                head_dim=8, **sizes)), rf"weight \({v + 5}, 32\) does not map"),
+        (ModernBertDecoderForCausalLM(ModernBertDecoderConfig(vocab_size=v, pad_token_id=0, bos_token_id=1,
+                                                              eos_token_id=2, **sizes)),
+         "logits are not its last hidden state times the LM-head weight"),
+    ]
+    for model, message in cases:
+        with pytest.raises(ValueError, match=message):
+            make_trainer(tmp_path, model, reward_rows(2))
+
+
+def test_a_small_unnamed_scale_is_refused_in_float32(tmp_path):
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 1.01 * super().forward(x)
+
+    model = tiny_phi(len(char_tokenizer()))
+    head = Scaled(32, model.lm_head.out_features)
+    head.load_state_dict(model.lm_head.state_dict())
+    model.lm_head = head
+    with pytest.raises(ValueError, match="logits are not its last hidden state times the LM-head weight"):
+        make_trainer(tmp_path, model, reward_rows(2))
+
+
 def test_zero3_placeholder_is_refused():
     model = tiny_phi(40)
     placeholder = torch.nn.Parameter(torch.empty(0))

@@ -112,6 +112,12 @@ def tiny_minicpm3(vocab: int, seed: int = 0):
                  qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, q_lora_rank=16, kv_lora_rank=16)
 
 
+#: A tiny model of every head the loss reads differently, by test id.
+HEADS = {"llama-tied": tiny_llama, "phi-bias": tiny_phi, "granite-scaled": tiny_granite, "cohere-scaled": tiny_cohere,
+         "gemma2-capped": tiny_gemma2, "recurrentgemma-capped": tiny_recurrent_gemma,
+         "hyperclovax-scaled": tiny_hyperclovax, "falconh1-scaled": tiny_falcon_h1, "minicpm3-scaled": tiny_minicpm3}
+
+
 def reward_rows(n: int = 8, k: int = 4, seed: int = 0) -> list[dict]:
     """Format-1 rows with responses of different lengths and distinct rewards."""
     g = torch.Generator().manual_seed(seed)

@@ -12,18 +12,11 @@ from nca_kernels import ops, reference
 from nca_kernels.trainer import NCAConfig, NCATrainer
 
 from .common import (  # noqa: F401
+    HEADS,
     char_tokenizer,
     one_thread,
     reward_rows,
-    tiny_cohere,
-    tiny_falcon_h1,
-    tiny_gemma2,
-    tiny_granite,
-    tiny_hyperclovax,
     tiny_llama,
-    tiny_minicpm3,
-    tiny_phi,
-    tiny_recurrent_gemma,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,10 +44,7 @@ def batch_of(trainer, rows=4):
     return trainer.data_collator([trainer.train_dataset[i] for i in range(rows)])
 
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_phi, tiny_granite, tiny_cohere, tiny_gemma2, tiny_recurrent_gemma,
-                                   tiny_hyperclovax, tiny_falcon_h1, tiny_minicpm3],
-                         ids=["llama-tied", "phi-bias", "granite-scaled", "cohere-scaled", "gemma2-capped",
-                              "recurrentgemma-capped", "hyperclovax-scaled", "falconh1-scaled", "minicpm3-scaled"])
+@pytest.mark.parametrize("build", HEADS.values(), ids=HEADS.keys())
 @pytest.mark.parametrize("loss_type,recompute", [("nca", True), ("infonca", True), ("nca", False)])
 def test_loss_and_grads_match_full_logits(tmp_path, monkeypatch, build, loss_type, recompute):
     tok = char_tokenizer()

@@ -9,19 +9,7 @@ import torch
 from nca_kernels import reference
 from nca_kernels.trainer.modeling import head_operands
 
-from .common import (
-    char_tokenizer,
-    reward_rows,
-    tiny_cohere,
-    tiny_falcon_h1,
-    tiny_gemma2,
-    tiny_granite,
-    tiny_hyperclovax,
-    tiny_llama,
-    tiny_minicpm3,
-    tiny_phi,
-    tiny_recurrent_gemma,
-)
+from .common import HEADS, char_tokenizer, reward_rows, tiny_granite, tiny_llama, tiny_phi
 from .test_trainer_loss import make_trainer
 
 
@@ -31,31 +19,32 @@ def logits_of(model, hidden):
     return reference.cap(hidden @ weight.T + (0 if bias is None else bias), softcap)
 
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_phi, tiny_granite, tiny_cohere, tiny_gemma2, tiny_recurrent_gemma,
-                                   tiny_hyperclovax, tiny_falcon_h1, tiny_minicpm3])
-def test_operands_give_the_models_logits(build):
+@pytest.mark.parametrize("head", HEADS)
+def test_operands_give_the_models_logits(head):
     """Tied and untied heads, a bias, Granite's and MiniCPM3's ``logits_scaling`` (divided),
     HyperCLOVA X's (multiplied), Cohere's ``logit_scale``, Falcon-H1's ``lm_head_multiplier``, Gemma
     2's ``final_logit_softcapping`` and RecurrentGemma's ``logits_soft_cap``."""
-    model = build(len(char_tokenizer()))
+    model = HEADS[head](len(char_tokenizer()))
     ids = torch.randint(3, 40, (2, 7))
     out = model(input_ids=ids, output_hidden_states=True)
     torch.testing.assert_close(logits_of(model, out.hidden_states[-1]), out.logits, rtol=1e-5, atol=1e-5)
     hidden, weight, _, softcap = head_operands(model, out.hidden_states[-1].bfloat16())
     assert hidden.dtype == weight.dtype == torch.bfloat16
-    assert (softcap is not None) == (build in (tiny_gemma2, tiny_recurrent_gemma))
+    assert (softcap is not None) == head.endswith("capped")
 
 
-def test_logits_transformed_after_the_head_are_refused(tmp_path):
-    """A head whose output is not ``x @ W.T + b`` (here: doubled), which no config names: the check
-    of the model's own last-position logits on the first batch refuses it."""
+@pytest.mark.parametrize("factor", [2.0, 1.01])
+def test_logits_transformed_after_the_head_are_refused(tmp_path, factor):
+    """A head whose output is not ``x @ W.T + b`` (here: scaled, by as little as 1% in float32),
+    which no config names: the check of the model's own last-position logits on the first batch
+    refuses it."""
 
-    class Doubled(torch.nn.Linear):
+    class Scaled(torch.nn.Linear):
         def forward(self, x):
-            return 2 * super().forward(x)
+            return factor * super().forward(x)
 
     model = tiny_phi(len(char_tokenizer()))
-    head = Doubled(32, model.lm_head.out_features)
+    head = Scaled(32, model.lm_head.out_features)
     head.load_state_dict(model.lm_head.state_dict())
     model.lm_head = head
     with pytest.raises(ValueError, match="logits are not its last hidden state times the LM-head weight"):
@@ -65,8 +54,7 @@ def test_logits_transformed_after_the_head_are_refused(tmp_path):
 def test_heads_that_are_not_the_last_hidden_state_times_the_weight_are_refused(tmp_path):
     """A head fed from a narrower projection (ELECTRA), logits sliced to an unpadded vocabulary
     (Inkling 2), a prediction head in front of the output Linear that the model names its decoder
-    (ModernBERT), and a float32 model whose logits are scaled by 1% after the head, which no config
-    names: each is refused with the reason, never a shape error or a wrong loss."""
+    (ModernBERT): each is refused with the reason, never a shape error or a wrong loss."""
     from transformers import (
         ElectraConfig,
         ElectraForCausalLM,
@@ -90,19 +78,6 @@ def test_heads_that_are_not_the_last_hidden_state_times_the_weight_are_refused(t
     for model, message in cases:
         with pytest.raises(ValueError, match=message):
             make_trainer(tmp_path, model, reward_rows(2))
-
-
-def test_a_small_unnamed_scale_is_refused_in_float32(tmp_path):
-    class Scaled(torch.nn.Linear):
-        def forward(self, x):
-            return 1.01 * super().forward(x)
-
-    model = tiny_phi(len(char_tokenizer()))
-    head = Scaled(32, model.lm_head.out_features)
-    head.load_state_dict(model.lm_head.state_dict())
-    model.lm_head = head
-    with pytest.raises(ValueError, match="logits are not its last hidden state times the LM-head weight"):
-        make_trainer(tmp_path, model, reward_rows(2))
 
 
 def test_zero3_placeholder_is_refused():

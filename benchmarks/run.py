@@ -258,7 +258,7 @@ def run_case(case: Case, device: torch.device, opts, args) -> list[dict]:
         try:
             prep = adapter(problem, device, opts)
         except Exception as exc:  # a peer that breaks is reported, not fatal
-            row.update(failure(exc), status="error")
+            row.update(failure(exc))
             continue
         if isinstance(prep, str):
             row.update(status="skip", reason=prep)

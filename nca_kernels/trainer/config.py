@@ -13,6 +13,7 @@ from transformers import TrainingArguments
 
 from .. import validation
 from ..backends import unavailable_reason
+from .data import check_lengths
 
 
 @dataclass
@@ -59,11 +60,7 @@ class NCAConfig(TrainingArguments):
         validation.check_backend(self.backend)
         if self.K is not None and self.K < 2:
             raise ValueError(f"K must be at least 2 responses per prompt, got {self.K}")
-        if not 0 < self.max_prompt_length < self.max_length:
-            raise ValueError(
-                f"need 0 < max_prompt_length < max_length, got max_prompt_length={self.max_prompt_length} "
-                f"and max_length={self.max_length}"
-            )
+        check_lengths(self.max_length, self.max_prompt_length)
         if self.label_smoothing_factor:
             raise ValueError(f"label_smoothing_factor={self.label_smoothing_factor}: the NCA losses take no label "
                              "smoothing (their soft labels come from the rewards and alpha)")

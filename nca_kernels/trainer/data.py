@@ -235,7 +235,8 @@ def _leading_special_tokens(tokenizer) -> list[int]:
     return []
 
 
-def _check_lengths(max_length: int, max_prompt_length: int) -> None:
+def check_lengths(max_length: int, max_prompt_length: int) -> None:
+    """A ValueError unless ``0 < max_prompt_length < max_length``."""
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length < max_length, got max_prompt_length={max_prompt_length} and "
                          f"max_length={max_length}")
@@ -262,7 +263,7 @@ def _truncate(prompt_ids: list, responses: list, lead: list, max_length: int, ma
 
 def tokenize(dataset: Dataset, tokenizer, max_length: int, max_prompt_length: int) -> Dataset:
     """Token ids per row: ``prompt_ids``, ``response_ids`` (K lists), ``rewards``; see the module doc."""
-    _check_lengths(max_length, max_prompt_length)
+    check_lengths(max_length, max_prompt_length)
     eos = tokenizer.eos_token_id
     lead = _leading_special_tokens(tokenizer)
 
@@ -307,7 +308,7 @@ def prepare_dataset(dataset: Dataset, tokenizer, max_length: int, max_prompt_len
 
 def _check_tokenized(dataset: Dataset, tokenizer, max_length: int, max_prompt_length: int, k: int | None) -> Dataset:
     """A tokenised dataset with every row checked (token ids within the tokenizer's vocabulary) and truncated."""
-    _check_lengths(max_length, max_prompt_length)
+    check_lengths(max_length, max_prompt_length)
     k_given = k is not None
     k = k if k_given else len(dataset[0]["response_ids"])
     vocab = len(tokenizer)

@@ -103,9 +103,10 @@ LAUNCHERS = {  # each on a free port, not the fixed default that a concurrent ru
 
 
 def logged(out: str) -> list[dict]:
-    """The log history of the checkpoint at step 3."""
+    """Our entries of the log history of the checkpoint at step 3: the training loss and the metrics
+    (Trainer's own eval_loss weights the padded last batch's mean by its real rows: left out)."""
     with open(os.path.join(out, "checkpoint-3", "trainer_state.json")) as f:
-        return json.load(f)["log_history"]
+        return [{k: v for k, v in entry.items() if "/" in k or k == "loss"} for entry in json.load(f)["log_history"]]
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
@@ -130,12 +131,10 @@ def test_two_processes_match_one(model_and_data, tmp_path, launcher):
     for name in one:
         assert not torch.equal(one[name], start[name]), name
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
-    # Trainer's own eval_loss weights the padded last batch's mean by its real rows: left out.
-    ours = [{k: v for k, v in entry.items() if "/" in k or k == "loss"} for entry in logged(tmp_path / "one")]
-    assert [sorted(e) for e in ours] == [sorted(e) for e in (
-        {k: v for k, v in entry.items() if "/" in k or k == "loss"} for entry in logged(tmp_path / "two"))]
+    ours, theirs = logged(tmp_path / "one"), logged(tmp_path / "two")
+    assert [sorted(e) for e in ours] == [sorted(e) for e in theirs]
     assert sum("eval_rewards/accuracy" in e for e in ours) == 1 and sum("loss" in e for e in ours) == 3
-    for want, got in zip(ours, logged(tmp_path / "two")):
+    for want, got in zip(ours, theirs):
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 

@@ -1,18 +1,24 @@
 """Ahead-of-time compile of every Triton kernel of the package for Hopper (sm_90), no GPU needed.
 
 ``python -m nca_kernels.compile_check`` compiles each kernel with every config its autotuner may
-pick, in bf16, and with its first config in fp16 and fp32; it prints one line per compile and
-exits non-zero if any fails. Run it without ``TRITON_INTERPRET`` (the interpreter swaps the
-config lists and the kernels for Python).
+pick (see :func:`jobs` for the dtypes), in a fresh cache so that ptxas runs for each, and prints
+one line per compile with its shared memory, registers and spilled bytes (from ptxas' own report);
+it exits non-zero if any compile fails. Run it without ``TRITON_INTERPRET`` (the interpreter swaps
+the config lists and the kernels for Python).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 import sys
+import tempfile
 import time
 import traceback
 
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -78,13 +84,39 @@ def compile_one(kernel, config: triton.Config, dtype: str, flags: dict):
 
 
 def jobs():
-    """Every (kernel, config, dtype, flags) the autotuner may run: all configs in bf16, the first in
-    fp16, fp32 and (kernels that write dW) bf16 with a float32 dW buffer."""
+    """Every (kernel, config, dtype, flags) the autotuner may run. The float32 configs of the linear
+    kernels in fp32; every other config in bf16, and the first of them also in fp16, in fp32 (the
+    kernels without float32 configs) and, for the kernels that write dW, in bf16 with a float32 dW."""
+    from .backends.triton.tuning import for_float32
+
     for kernel, flags in kernels():
-        first = ("bf16", "fp16", "fp32") + (("bf16+fp32dw",) if "dw_ptr" in kernel.fn.arg_names else ())
+        names = kernel.fn.arg_names
+        own_float32 = any(map(for_float32, kernel.configs))
+        first = ("bf16", "fp16") + ((), ("fp32",))[not own_float32] + ((), ("bf16+fp32dw",))["dw_ptr" in names]
         for i, config in enumerate(kernel.configs):
-            for dtype in first if i == 0 else ("bf16",):
+            dtypes = ("fp32",) if for_float32(config) else first if i == 0 else ("bf16",)
+            for dtype in dtypes:
                 yield kernel, config, dtype, flags(dtype)
+
+
+def ptxas_usage(log: str) -> list[tuple[int, int]]:
+    """(registers per thread, spill stores + loads in bytes) of each function in a ptxas ``-v`` report."""
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    registers = re.findall(r"Used (\d+) registers", log)
+    if not registers or len(registers) != len(spills):
+        raise ValueError(f"no register and spill count per function in the ptxas report: {log!r}")
+    return [(int(r), int(stores) + int(loads)) for r, (stores, loads) in zip(registers, spills)]
+
+
+def compile_and_report(kernel, config: triton.Config, dtype: str, flags: dict):
+    """:func:`compile_one`, and the registers and spilled bytes that ptxas reports for it. Needs a
+    cache without this kernel (ptxas does not run on a hit): :func:`main` uses a fresh one."""
+    log = io.StringIO()
+    with knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        knobs.nvidia.dump_ptxas_log = True
+        compiled = compile_one(kernel, config, dtype, flags)
+    (usage,) = ptxas_usage(log.getvalue())
+    return compiled, *usage
 
 
 def main() -> int:
@@ -94,17 +126,19 @@ def main() -> int:
         print("compile_check: unset TRITON_INTERPRET (the interpreter replaces the compiled kernels)")
         return 2
     failures = 0
-    for kernel, config, dtype, flags in jobs():
-        start = time.perf_counter()
-        label = " ".join(str(x) for x in (kernel.fn.__name__, flags.get("SCHEDULE", ""), dtype, config) if x)
-        try:
-            compiled = compile_one(kernel, config, dtype, flags)
-        except Exception:  # report every failure, then exit non-zero
-            failures += 1
-            print(f"FAIL {label}\n{traceback.format_exc()}", flush=True)
-            continue
-        shared = compiled.metadata.shared
-        print(f"ok   {label} shared={shared}B {time.perf_counter() - start:.1f}s", flush=True)
+    with tempfile.TemporaryDirectory() as cache, knobs.cache.scope():
+        knobs.cache.dir = cache
+        for kernel, config, dtype, flags in jobs():
+            start = time.perf_counter()
+            label = " ".join(str(x) for x in (kernel.fn.__name__, flags.get("SCHEDULE", ""), dtype, config) if x)
+            try:
+                compiled, registers, spilled = compile_and_report(kernel, config, dtype, flags)
+            except Exception:  # report every failure, then exit non-zero
+                failures += 1
+                print(f"FAIL {label}\n{traceback.format_exc()}", flush=True)
+                continue
+            print(f"ok   {label} shared={compiled.metadata.shared}B registers={registers} spilled={spilled}B "
+                  f"{time.perf_counter() - start:.1f}s", flush=True)
     print(f"compile_check: {failures} failure(s) for sm_90")
     return 1 if failures else 0
 

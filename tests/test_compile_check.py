@@ -1,26 +1,67 @@
-"""Every Triton kernel compiles for sm_90 with every config the autotuner may pick (no GPU needed)."""
+"""Every Triton kernel compiles for sm_90 with every config the autotuner may pick (no GPU needed),
+within the H100's shared memory, and the float32 configs without spilling registers."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
+import torch  # noqa: E402
+
+from nca_kernels.backends.triton import tuning  # noqa: E402
+from nca_kernels.compile_check import ptxas_usage  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
+#: Shared memory one block may use on sm_90 (227 KiB): a config above it can never launch.
+SM90_SHARED = 227 * 1024
+LINE = re.compile(r"ok   (?P<kernel>\w+) (?P<schedule>tiles |tokens |vocab )?(?P<dtype>\S+) (?P<config>.*) "
+                  r"shared=(?P<shared>\d+)B registers=(?P<registers>\d+) spilled=(?P<spilled>\d+)B")
 
 
-def test_compile_check_passes_for_sm90():
+@pytest.fixture(scope="module")
+def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "nca_kernels.compile_check"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    lines = proc.stdout.splitlines()
-    assert sum(line.startswith("ok ") for line in lines) >= 30
-    assert lines[-1] == "compile_check: 0 failure(s) for sm_90"
+    assert proc.stdout.splitlines()[-1] == "compile_check: 0 failure(s) for sm_90"
+    return [m.groupdict() for m in map(LINE.match, proc.stdout.splitlines()) if m]
+
+
+def test_compile_check_passes_for_sm90(report):
+    n_linear = 2 * len(tuning.HOPPER_LINEAR_BACKWARD + tuning.FLOAT32_LINEAR_BACKWARD)
+    assert len(report) >= n_linear + len(tuning.HOPPER_LINEAR + tuning.FLOAT32_LINEAR) + 2 * len(tuning.HOPPER_ROW)
+    assert {r["dtype"] for r in report} == {"bf16", "fp16", "fp32", "bf16+fp32dw"}
+    assert all(0 < int(r["registers"]) <= 255 for r in report)
+
+
+def test_every_config_fits_in_sm90_shared_memory(report):
+    over = [r for r in report if int(r["shared"]) > SM90_SHARED]
+    assert not over, over
+
+
+def test_float32_configs_do_not_spill(report):
+    float32 = [r for r in report if r["dtype"] == "fp32" and r["kernel"].startswith("linear")]
+    per_kernel = len(tuning.FLOAT32_LINEAR)
+    assert len(float32) == per_kernel + 3 * len(tuning.FLOAT32_LINEAR_BACKWARD)
+    spilling = [r for r in float32 if int(r["spilled"])]
+    assert not spilling, spilling
+
+
+def test_every_kernel_and_dtype_has_a_config_without_spills(report):
+    best = defaultdict(lambda: float("inf"))
+    for r in report:
+        key = (r["kernel"], r["schedule"], r["dtype"])
+        best[key] = min(best[key], int(r["spilled"]))
+    first_only = {k for k in best if k[2] != "bf16"}  # compiled with one config: the list's first
+    assert not [k for k, v in best.items() if v and k not in first_only], dict(best)
 
 
 def test_compile_check_refuses_the_interpreter():
@@ -28,3 +69,23 @@ def test_compile_check_refuses_the_interpreter():
     proc = subprocess.run([sys.executable, "-m", "nca_kernels.compile_check"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "TRITON_INTERPRET" in proc.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backward", [False, True])
+def test_autotuner_tries_the_configs_of_the_weight_dtype(dtype, backward):
+    sixteen = tuning.HOPPER_LINEAR_BACKWARD if backward else tuning.HOPPER_LINEAR
+    float32 = tuning.FLOAT32_LINEAR_BACKWARD if backward else tuning.FLOAT32_LINEAR
+    weight = torch.empty(3, 2, dtype=dtype)
+    pruned = tuning.by_dtype(sixteen + float32, {"weight_ptr": weight, "hidden_ptr": weight}, SCHEDULE="tiles")
+    assert pruned == (float32 if dtype == torch.float32 else sixteen)
+
+
+def test_ptxas_report_is_read_or_refused():
+    log = ("ptxas info    : Function properties for k\n    48 bytes stack frame, 40 bytes spill stores, "
+           "44 bytes spill loads\nptxas info    : Used 255 registers, used 1 barriers\n")
+    assert ptxas_usage(log) == [(255, 84)]
+    assert ptxas_usage(log + log.replace("255", "40").replace("44 bytes", "0 bytes")) == [(255, 84), (40, 40)]
+    for bad in ("ptxas info    : 11 bytes gmem\n", log.split("ptxas info    : Used")[0]):
+        with pytest.raises(ValueError, match="no register and spill count"):
+            ptxas_usage(bad)

@@ -43,11 +43,16 @@ def test_kernels_compile_for_sm90_without_warnings(source, tmp_path):
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
-    cmd = [nvcc, "-c", "-arch=sm_90", "-O3", "-std=c++17", "-Werror", "all-warnings",
+    cmd = [nvcc, "-c", "-arch=sm_90", "-O3", "-std=c++17", "-Werror", "all-warnings", "-Xptxas", "-v",
            "-Xcompiler", "-Wall,-Wextra,-Werror", str(CSRC / source), "-o", str(tmp_path / "out.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stderr
-    assert "warning" not in (proc.stdout + proc.stderr).lower(), proc.stdout + proc.stderr
+    assert "warning" not in log.lower(), log
+    check = pytest.importorskip("nca_kernels.compile_check", reason="it reads ptxas' report; needs triton")
+    usage = check.ptxas_usage(log)  # every template instance: bf16, fp16, fp32
+    assert len(usage) == log.count("Compiling entry function") >= 3
+    assert all(spilled == 0 for _, spilled in usage), log
 
 
 def test_there_are_kernels_to_compile():

@@ -254,9 +254,28 @@ def test_gpu_deterministic_grads_are_bitwise_repeatable():
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_float32_matches_reference_on_a_bigger_shape():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_gpu_float32_matches_reference_on_a_bigger_shape(schedule):
     batch = make_batch(b=2, k=2, t=128, h=300, v=4099, bias=True, device="cuda", seed=12)
-    assert_close(run_logprobs(batch, torch.float32), ref_logprobs(batch), rtol=1e-4, atol=1e-4)
+    with config.triton_options(**SCHEDULES[schedule]):
+        assert_close(run_logprobs(batch, torch.float32), ref_logprobs(batch), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_autotuner_picks_from_the_weight_dtype_configs():
+    """Same H and V in bf16, then float32: each dtype is tuned on its own list."""
+    from nca_kernels.backends.triton import tuning
+    from nca_kernels.backends.triton.linear_backward import linear_backward_kernel
+    from nca_kernels.backends.triton.linear_forward import linear_forward_kernel
+
+    batch = make_batch(b=1, k=2, t=64, h=136, v=1031, device="cuda", seed=14)
+    for dtype, forward, backward in [(torch.bfloat16, tuning.HOPPER_LINEAR, tuning.HOPPER_LINEAR_BACKWARD),
+                                     (torch.float32, tuning.FLOAT32_LINEAR, tuning.FLOAT32_LINEAR_BACKWARD)]:
+        with config.triton_options(backward="fused"):
+            run_logprobs(batch, dtype)
+        assert linear_forward_kernel.best_config in forward
+        assert linear_backward_kernel.best_config in backward
 
 
 @pytest.mark.gpu

@@ -64,7 +64,7 @@ def _tile_grads(hidden_ptr, weight_ptr, bias_ptr, index_ptr, target_ptr, lse_ptr
 
 
 @triton.autotune(configs=tuning.linear(backward=True), key=["H", "V", "SCHEDULE"],
-                 restore_value=["dh_ptr", "dw_ptr", "db_ptr"])
+                 prune_configs_by={"early_config_prune": tuning.by_dtype}, restore_value=["dh_ptr", "dw_ptr", "db_ptr"])
 @triton.jit
 def linear_backward_kernel(hidden_ptr, weight_ptr, bias_ptr, index_ptr, target_ptr, lse_ptr, grad_ptr, dh_ptr,
                            dw_ptr, db_ptr, N, V, H, stride_h, stride_w, stride_dh, filter_eps,

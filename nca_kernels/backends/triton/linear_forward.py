@@ -17,7 +17,7 @@ from . import tuning
 from .tiles import logit_tile
 
 
-@triton.autotune(configs=tuning.linear(), key=["H", "V"])
+@triton.autotune(configs=tuning.linear(), key=["H", "V"], prune_configs_by={"early_config_prune": tuning.by_dtype})
 @triton.jit
 def linear_forward_kernel(hidden_ptr, weight_ptr, bias_ptr, index_ptr, target_ptr, part_ptr, tgt_ptr,
                           N, V, H, v_per_split, stride_h, stride_w,

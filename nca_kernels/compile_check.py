@@ -2,9 +2,9 @@
 
 ``python -m nca_kernels.compile_check`` compiles each kernel with every config its autotuner may
 pick (see :func:`jobs` for the dtypes), in a fresh cache so that ptxas runs for each, and prints
-one line per compile with its shared memory, registers and spilled bytes (from ptxas' own report);
-it exits non-zero if any compile fails. Run it without ``TRITON_INTERPRET`` (the interpreter swaps
-the config lists and the kernels for Python).
+one line per compile with its shared memory, registers and spilled bytes (from ptxas' own report)
+and its matrix instructions (:func:`matrix_unit`); it exits non-zero if any compile fails. Run it
+without ``TRITON_INTERPRET`` (the interpreter swaps the config lists and the kernels for Python).
 """
 
 from __future__ import annotations
@@ -108,6 +108,12 @@ def ptxas_usage(log: str) -> list[tuple[int, int]]:
     return [(int(r), int(stores) + int(loads)) for r, (stores, loads) in zip(registers, spills)]
 
 
+def matrix_unit(ptx: str) -> str:
+    """What ``tl.dot`` became: Hopper's warpgroup MMA (``wgmma``), the older warp MMA (``mma``, half
+    the tensor-core rate on sm_90), or neither (``fma``: CUDA cores, as for IEEE float32)."""
+    return "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "fma"
+
+
 def compile_and_report(kernel, config: triton.Config, dtype: str, flags: dict):
     """:func:`compile_one`, and the registers and spilled bytes that ptxas reports for it. Needs a
     cache without this kernel (ptxas does not run on a hit): :func:`main` uses a fresh one."""
@@ -138,7 +144,7 @@ def main() -> int:
                 print(f"FAIL {label}\n{traceback.format_exc()}", flush=True)
                 continue
             print(f"ok   {label} shared={compiled.metadata.shared}B registers={registers} spilled={spilled}B "
-                  f"{time.perf_counter() - start:.1f}s", flush=True)
+                  f"dot={matrix_unit(compiled.asm['ptx'])} {time.perf_counter() - start:.1f}s", flush=True)
     print(f"compile_check: {failures} failure(s) for sm_90")
     return 1 if failures else 0
 

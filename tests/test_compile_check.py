@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Shared memory one block may use on sm_90 (227 KiB): a config above it can never launch.
 SM90_SHARED = 227 * 1024
 LINE = re.compile(r"ok   (?P<kernel>\w+) (?P<schedule>tiles |tokens |vocab )?(?P<dtype>\S+) (?P<config>.*) "
-                  r"shared=(?P<shared>\d+)B registers=(?P<registers>\d+) spilled=(?P<spilled>\d+)B")
+                  r"shared=(?P<shared>\d+)B registers=(?P<registers>\d+) spilled=(?P<spilled>\d+)B dot=(?P<dot>\w+)")
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,15 @@ def test_every_kernel_and_dtype_has_a_config_without_spills(report):
         best[key] = min(best[key], int(r["spilled"]))
     first_only = {k for k in best if k[2] != "bf16"}  # compiled with one config: the list's first
     assert not [k for k, v in best.items() if v and k not in first_only], dict(best)
+
+
+def test_16bit_products_run_on_hoppers_warpgroup_mma(report):
+    """Every tl.dot of the fused kernels in 16 bits is a wgmma (mma.sync runs at half its rate on
+    sm_90); float32 (IEEE) runs on the CUDA cores; the from-logits kernels have no product."""
+    linear = [r for r in report if r["kernel"].startswith("linear")]
+    assert {r["dot"] for r in linear if r["dtype"] != "fp32"} == {"wgmma"}
+    assert {r["dot"] for r in linear if r["dtype"] == "fp32"} == {"fma"}
+    assert {r["dot"] for r in report if r["kernel"].startswith("logits")} == {"fma"}
 
 
 def test_compile_check_refuses_the_interpreter():

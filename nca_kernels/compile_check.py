@@ -2,8 +2,8 @@
 
 ``python -m nca_kernels.compile_check`` compiles each kernel with every config its autotuner may
 pick (see :func:`jobs` for the dtypes), in a fresh cache so that ptxas runs for each, and prints
-one line per compile with its shared memory, registers and spilled bytes (from ptxas' own report)
-and its matrix instructions (:func:`matrix_unit`); it exits non-zero if any compile fails. Run it
+one line per compile with its shared memory, registers and spilled bytes (from ptxas' own report),
+its matrix instructions (:func:`matrix_unit`) and its widest load; it exits non-zero if any compile fails. Run it
 without ``TRITON_INTERPRET`` (the interpreter swaps the config lists and the kernels for Python).
 """
 
@@ -26,9 +26,10 @@ TARGET = GPUTarget("cuda", 90, 32)
 _INPUT = ("hidden_ptr", "weight_ptr", "bias_ptr", "logits_ptr", "out_ptr")
 _INDEX = ("index_ptr", "target_ptr", "pos_ptr")
 _STATS = ("lse_ptr", "grad_ptr", "part_ptr", "tgt_ptr", "db_ptr")
-#: Integers the JIT sees divisible by 16 at typical LM-head sizes (H, row strides): compiled with
-#: that hint, as the JIT specialises them, so that loads vectorise as they will on the GPU.
-_ALIGNED = ("H", "stride_h", "stride_w", "stride_dh", "stride", "out_stride")
+#: Integers the JIT sees divisible by 16 at typical LM-head sizes (H, V, row strides; the matmul
+#: schedule's logit tiles are whole 128-column blocks): compiled with that hint, as the JIT
+#: specialises them, so that loads vectorise as they will on the GPU.
+_ALIGNED = ("H", "V", "stride_h", "stride_w", "stride_dh", "stride", "out_stride")
 
 
 def _arg_type(name: str, dtype: str) -> str:
@@ -114,6 +115,14 @@ def matrix_unit(ptx: str) -> str:
     return "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "fma"
 
 
+def widest_load(ptx: str) -> int:
+    """Bytes of the widest global-memory load per thread (``ld.global``, or ``cp.async`` to shared)."""
+    plain = re.findall(r"ld\.global(?:\.\w+)*?(?:\.v(\d))?\.[bfsu](\d+)", ptx)
+    loads = [int(vector or 1) * int(bits) // 8 for vector, bits in plain]
+    loads += [int(size, 16) for size in re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*?, 0x(\w+)", ptx)]
+    return max(loads, default=0)
+
+
 def compile_and_report(kernel, config: triton.Config, dtype: str, flags: dict):
     """:func:`compile_one`, and the registers and spilled bytes that ptxas reports for it. Needs a
     cache without this kernel (ptxas does not run on a hit): :func:`main` uses a fresh one."""
@@ -144,7 +153,8 @@ def main() -> int:
                 print(f"FAIL {label}\n{traceback.format_exc()}", flush=True)
                 continue
             print(f"ok   {label} shared={compiled.metadata.shared}B registers={registers} spilled={spilled}B "
-                  f"dot={matrix_unit(compiled.asm['ptx'])} {time.perf_counter() - start:.1f}s", flush=True)
+                  f"dot={matrix_unit(compiled.asm['ptx'])} load={widest_load(compiled.asm['ptx'])}B "
+                  f"{time.perf_counter() - start:.1f}s", flush=True)
     print(f"compile_check: {failures} failure(s) for sm_90")
     return 1 if failures else 0
 

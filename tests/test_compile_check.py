@@ -16,13 +16,14 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 
 from nca_kernels.backends.triton import tuning  # noqa: E402
-from nca_kernels.compile_check import ptxas_usage  # noqa: E402
+from nca_kernels.compile_check import ptxas_usage, widest_load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Shared memory one block may use on sm_90 (227 KiB): a config above it can never launch.
 SM90_SHARED = 227 * 1024
 LINE = re.compile(r"ok   (?P<kernel>\w+) (?P<schedule>tiles |tokens |vocab )?(?P<dtype>\S+) (?P<config>.*) "
-                  r"shared=(?P<shared>\d+)B registers=(?P<registers>\d+) spilled=(?P<spilled>\d+)B dot=(?P<dot>\w+)")
+                  r"shared=(?P<shared>\d+)B registers=(?P<registers>\d+) spilled=(?P<spilled>\d+)B dot=(?P<dot>\w+) "
+                  r"load=(?P<load>\d+)B")
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,19 @@ def test_16bit_products_run_on_hoppers_warpgroup_mma(report):
     assert {r["dot"] for r in linear if r["dtype"] != "fp32"} == {"wgmma"}
     assert {r["dot"] for r in linear if r["dtype"] == "fp32"} == {"fma"}
     assert {r["dot"] for r in report if r["kernel"].startswith("logits")} == {"fma"}
+
+
+def test_every_kernel_loads_16_bytes_at_a_time(report):
+    """With V and the row strides multiples of 16 (as on the GPU: the matmul schedule's logit tiles
+    are whole 128-column blocks), every kernel's widest global load is 128 bits."""
+    assert {r["load"] for r in report} == {"16"}
+
+
+def test_widest_load_reads_vector_and_async_copies():
+    assert widest_load("ld.global.b16 {%rs1}, [%rd1];\n@%p ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd2];") == 16
+    assert widest_load("ld.global.nc.v2.f32 {%f1, %f2}, [%rd1];") == 8
+    assert widest_load("cp.async.cg.shared.global [ %r1 + 0 ], [ %rd1 + 0 ], 0x10, %r2;") == 16
+    assert widest_load("st.global.v4.b32 [%rd1], {%r1, %r2, %r3, %r4};") == 0
 
 
 def test_compile_check_refuses_the_interpreter():

@@ -130,3 +130,21 @@ def test_tile_shape_counts_the_product_row_only_where_it_exists(monkeypatch, wid
     assert rowchunk.tile_row_bytes(4096, torch.bfloat16, weight.device) == row
     assert rows * cols * 2 + rows * row <= 48 << 20
     assert (rows, cols) == ((1024, 12288) if wide else (768, 16384))
+
+
+@pytest.mark.parametrize("h, v, budget, want", [
+    (3584, 152064, 48 << 20, (877, 14336)),  # Qwen2-7B: 14359 columns before alignment
+    (5120, 152064, 48 << 20, (614, 20480)),  # 20506 before
+    (16, 1000, 1000, (3, 102)),  # under 128 columns: as the budget gives
+    (64, 1000, 64 << 20, (1024, 1000)),  # the whole vocabulary
+])
+def test_tile_columns_are_aligned_when_the_vocabulary_is_split(monkeypatch, h, v, budget, want):
+    """A vocabulary split into tiles gets tiles of whole 128-column blocks (16-byte aligned rows)."""
+    from nca_kernels.backends import rowchunk
+
+    monkeypatch.setattr(rowchunk, "wide_addmm", lambda device, dtype: False)
+    weight = torch.empty(v, h, dtype=torch.bfloat16, device="meta")
+    with nk.chunk_bytes(tile=budget):
+        rows, cols = rowchunk.tile_shape(8192, weight)
+    assert (rows, cols) == want
+    assert rows * cols * 2 + rows * rowchunk.tile_row_bytes(h, torch.bfloat16, weight.device) <= budget

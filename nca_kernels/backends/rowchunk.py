@@ -84,6 +84,13 @@ def tile_row_bytes(h: int, dtype: torch.dtype, device: torch.device) -> int:
     return (size + acc.itemsize + product) * h
 
 
+#: A tile narrower than the vocabulary is a multiple of this many columns (when the budget allows
+#: one): its rows then start 16-byte aligned, which cuBLAS' fastest 16-bit kernels need of the
+#: leading dimension and without which the from-logits Triton kernels load one element at a time,
+#: and every tile but the last splits into whole 128-column blocks.
+TILE_COLUMNS = 128
+
+
 def tile_shape(n: int, weight: torch.Tensor) -> tuple[int, int]:
     """(tokens, vocab) of one backward tile within the tile budget: at most half of it (and 1024
     rows) for the token rows (:func:`tile_row_bytes`), the rest for the logits."""
@@ -92,6 +99,8 @@ def tile_shape(n: int, weight: torch.Tensor) -> tuple[int, int]:
     budget = config.tile_budget(weight.device)
     rows = max(1, min(n, 1024, budget // (2 * row)))
     cols = max(1, min(v, (budget - rows * row) // (rows * weight.element_size())))
+    if TILE_COLUMNS <= cols < v:
+        cols -= cols % TILE_COLUMNS
     return rows, cols
 
 

@@ -38,7 +38,9 @@ HOPPER_LINEAR_BACKWARD = _configs(
 #: the 16-bit tiles spill there (ptxas for sm_90: up to 80 KB per thread in the backward). These
 #: compile without spilling for the forward and for every backward schedule (triton 3.6 and 3.7).
 FLOAT32_LINEAR = _configs([(128, 64, 32, 8, 2), (64, 64, 32, 4, 2), (32, 128, 32, 4, 2), (64, 64, 16, 8, 2)], _TILE)
-FLOAT32_LINEAR_BACKWARD = _configs([(64, 64, 16, 8, 2), (16, 128, 16, 4, 2), (32, 64, 16, 4, 2)], _TILE)
+FLOAT32_LINEAR_BACKWARD = _configs(
+    [(64, 64, 16, 8, 1), (16, 128, 16, 4, 2), (32, 64, 16, 4, 2), (64, 32, 16, 4, 2)], _TILE
+)
 #: (BLOCK_V vocab chunk, warps, stages) for the row-wise from-logits kernels.
 HOPPER_ROW = _configs([(2048, 4, 2), (4096, 8, 2), (8192, 8, 2)], _ROW)
 

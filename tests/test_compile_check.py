@@ -104,6 +104,21 @@ def test_autotuner_tries_the_configs_of_the_weight_dtype(dtype, backward):
     assert pruned == (float32 if dtype == torch.float32 else sixteen)
 
 
+def test_triton_autotuner_calls_the_pruning_with_the_launch_arguments():
+    """Through Triton's own autotuner (its pruning hook is what the kernels rely on)."""
+    import triton
+
+    @triton.jit
+    def kernel(weight_ptr, H):
+        pass
+
+    tuner = triton.autotune(configs=tuning.HOPPER_LINEAR + tuning.FLOAT32_LINEAR, key=["H"],
+                            prune_configs_by={"early_config_prune": tuning.by_dtype})(kernel)
+    for dtype, want in [(torch.float32, tuning.FLOAT32_LINEAR), (torch.bfloat16, tuning.HOPPER_LINEAR)]:
+        tuner.nargs = {"weight_ptr": torch.empty(2, dtype=dtype), "H": 16}
+        assert tuner.prune_configs({}) == want
+
+
 def test_ptxas_report_is_read_or_refused():
     log = ("ptxas info    : Function properties for k\n    48 bytes stack frame, 40 bytes spill stores, "
            "44 bytes spill loads\nptxas info    : Used 255 registers, used 1 barriers\n")

@@ -6,14 +6,15 @@
 #   fused     every backend against the float64 reference on cuda (test_fused)
 #   headline  the headline case with every peer: peaks after warm-up, full-size gradient errors
 #   peaked    gradient filtering beside CCE's default filter, on trained-looking logits
-#   tiles     the recompute schedule's tile shapes, with a profile of the default one
+#   tiles     the recompute schedule's tile shapes, with a profile of the default one; then, at H=3584,
+#             the package's 128-column-aligned tile width beside the unaligned one it had before
 #   sweep     the sweep and the peers' largest-fit search, for 300 s
 #   trainer   the demo, then one process of the CLI under FSDP2
 # Files are named after the device (h100_headline.json, ...). Needs the peers installed
 # (pip install -e '.[bench,train]'), or their wheels in $WHEELS on a machine without network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[[ $# -ge 1 ]] || { sed -n 2,13p "$0"; exit 2; }
+[[ $# -ge 1 ]] || { sed -n 2,14p "$0"; exit 2; }
 out=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
 steps=("$@")
@@ -46,7 +47,9 @@ run_step() {
             "${bench[@]}" --headline --no-fit --logits peaked --only naive "ours[triton" "ours[cuda" cce three \
                 --out "$out/${tag}_headline_peaked.json" --md "$out/${tag}_headline_peaked.md" ;;
         tiles)
-            python3 benchmarks/tile_sweep.py --profile --out "$out/${tag}_tile_sweep.json" --md "$out/${tag}_tile_sweep.md" ;;
+            python3 benchmarks/tile_sweep.py --profile --out "$out/${tag}_tile_sweep.json" --md "$out/${tag}_tile_sweep.md" \
+                && python3 benchmarks/tile_sweep.py --case 4,4,1024,3584,152064 --rows 877 --cols 14336 14359 \
+                    --out "$out/${tag}_tile_align.json" --md "$out/${tag}_tile_align.md" ;;
         sweep)
             "${bench[@]}" --time-budget 300 --skip "ours[torch" \
                 --out "$out/${tag}_sweep.json" --plot "$out/${tag}_sweep.png" --md "$out/${tag}_sweep.md" ;;

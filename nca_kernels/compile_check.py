@@ -3,8 +3,8 @@
 ``python -m nca_kernels.compile_check`` compiles each kernel with every config its autotuner may
 pick (see :func:`jobs` for the dtypes), in a fresh cache so that ptxas runs for each, and prints
 one line per compile with its shared memory, registers and spilled bytes (from ptxas' own report),
-its matrix instructions (:func:`matrix_unit`) and its widest load; it exits non-zero if any compile fails. Run it
-without ``TRITON_INTERPRET`` (the interpreter swaps the config lists and the kernels for Python).
+its matrix instructions (:func:`matrix_unit`) and its widest load; it exits non-zero if any compile
+fails. Run it without ``TRITON_INTERPRET`` (the interpreter swaps the configs and kernels for Python).
 """
 
 from __future__ import annotations
@@ -86,16 +86,17 @@ def compile_one(kernel, config: triton.Config, dtype: str, flags: dict):
 
 def jobs():
     """Every (kernel, config, dtype, flags) the autotuner may run. The float32 configs of the linear
-    kernels in fp32; every other config in bf16, and the first of them also in fp16, in fp32 (the
+    kernels in fp32; every other config in bf16, and the first 16-bit one also in fp16, in fp32 (the
     kernels without float32 configs) and, for the kernels that write dW, in bf16 with a float32 dW."""
     from .backends.triton.tuning import for_float32
 
     for kernel, flags in kernels():
         names = kernel.fn.arg_names
         own_float32 = any(map(for_float32, kernel.configs))
-        first = ("bf16", "fp16") + ((), ("fp32",))[not own_float32] + ((), ("bf16+fp32dw",))["dw_ptr" in names]
-        for i, config in enumerate(kernel.configs):
-            dtypes = ("fp32",) if for_float32(config) else first if i == 0 else ("bf16",)
+        every = ("bf16", "fp16") + ((), ("fp32",))[not own_float32] + ((), ("bf16+fp32dw",))["dw_ptr" in names]
+        first = next(c for c in kernel.configs if not for_float32(c))
+        for config in kernel.configs:
+            dtypes = ("fp32",) if for_float32(config) else every if config is first else ("bf16",)
             for dtype in dtypes:
                 yield kernel, config, dtype, flags(dtype)
 

@@ -3,20 +3,23 @@ within the H100's shared memory, and the float32 configs without spilling regist
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 pytest.importorskip("triton")
 import torch  # noqa: E402
 
+from nca_kernels import compile_check  # noqa: E402
 from nca_kernels.backends.triton import tuning  # noqa: E402
-from nca_kernels.compile_check import ptxas_usage, widest_load  # noqa: E402
+from nca_kernels.compile_check import matrix_unit, ptxas_usage, widest_load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Shared memory one block may use on sm_90 (227 KiB): a config above it can never launch.
@@ -37,10 +40,22 @@ def report():
 
 
 def test_compile_check_passes_for_sm90(report):
-    n_linear = 2 * len(tuning.HOPPER_LINEAR_BACKWARD + tuning.FLOAT32_LINEAR_BACKWARD)
-    assert len(report) >= n_linear + len(tuning.HOPPER_LINEAR + tuning.FLOAT32_LINEAR) + 2 * len(tuning.HOPPER_ROW)
+    # every config once, and the first 16-bit config again in its extra dtypes (see jobs())
+    forward = len(tuning.HOPPER_LINEAR + tuning.FLOAT32_LINEAR) + 1  # fp16
+    backward = 3 * (len(tuning.HOPPER_LINEAR_BACKWARD + tuning.FLOAT32_LINEAR_BACKWARD) + 2)  # fp16, fp32 dW
+    from_logits = 2 * (len(tuning.HOPPER_ROW) + 2)  # fp16, fp32
+    assert len(report) == forward + backward + from_logits
     assert {r["dtype"] for r in report} == {"bf16", "fp16", "fp32", "bf16+fp32dw"}
     assert all(0 < int(r["registers"]) <= 255 for r in report)
+
+
+def test_every_kernel_is_compiled_in_every_input_dtype(report):
+    dtypes = defaultdict(set)
+    for r in report:
+        dtypes[r["kernel"], r["schedule"]].add(r["dtype"])
+    assert len(dtypes) == 6  # forward, three backward schedules, two from-logits kernels
+    assert all({"bf16", "fp16", "fp32"} <= d for d in dtypes.values()), dict(dtypes)
+    assert all("bf16+fp32dw" in d for (kernel, _), d in dtypes.items() if kernel == "linear_backward_kernel")
 
 
 def test_every_config_fits_in_sm90_shared_memory(report):
@@ -87,6 +102,50 @@ def test_widest_load_reads_vector_and_async_copies():
     assert widest_load("st.global.v4.b32 [%rd1], {%r1, %r2, %r3, %r4};") == 0
 
 
+def test_matrix_unit_names_what_the_product_became():
+    assert matrix_unit("wgmma.fence.sync.aligned;\nwgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16") == "wgmma"
+    assert matrix_unit("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == "mma"
+    assert matrix_unit("fma.rn.f32 %f3, %f1, %f2, %f3;") == "fma"
+
+
+def test_main_reports_each_compile_in_a_fresh_cache(monkeypatch, capsys):
+    """main() on stand-in compiles: one line with every field, in a fresh cache removed afterwards,
+    and a failing compile reported and counted."""
+    from triton import knobs
+
+    caches = []
+
+    def fake_compile(kernel, config, dtype, flags):
+        caches.append(knobs.cache.dir)
+        assert os.path.isdir(knobs.cache.dir) and not os.listdir(knobs.cache.dir)
+        ptx = "mma.sync.aligned.m16n8k16;\nld.global.v2.b32 {%r1, %r2}, [%rd1];"
+        return SimpleNamespace(metadata=SimpleNamespace(shared=1024), asm={"ptx": ptx}), 77, 123
+
+    kernel = SimpleNamespace(fn=SimpleNamespace(__name__="some_kernel"))
+    default_cache = knobs.cache.dir
+    monkeypatch.setattr(tuning, "INTERPRET", False)
+    monkeypatch.setattr(compile_check, "jobs", lambda: [(kernel, "CONFIG", "bf16", {"SCHEDULE": "tiles"})])
+    monkeypatch.setattr(compile_check, "compile_and_report", fake_compile)
+    assert compile_check.main() == 0
+    line, last = capsys.readouterr().out.splitlines()
+    fields = LINE.match(line).groupdict()
+    assert (fields["kernel"], fields["schedule"], fields["dtype"], fields["config"]) == (
+        "some_kernel", "tiles ", "bf16", "CONFIG")
+    assert (fields["shared"], fields["registers"], fields["spilled"], fields["dot"], fields["load"]) == (
+        "1024", "77", "123", "mma", "8")
+    assert last == "compile_check: 0 failure(s) for sm_90"
+    assert caches[0] != default_cache and not os.path.exists(caches[0]) and knobs.cache.dir == default_cache
+
+    def failing_compile(*args):
+        raise RuntimeError("ptxas fell over")
+
+    monkeypatch.setattr(compile_check, "compile_and_report", failing_compile)
+    assert compile_check.main() == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAIL some_kernel tiles bf16 CONFIG") and "ptxas fell over" in out
+    assert out.splitlines()[-1] == "compile_check: 1 failure(s) for sm_90"
+
+
 def test_compile_check_refuses_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-m", "nca_kernels.compile_check"], cwd=ROOT, env=env,
@@ -119,11 +178,19 @@ def test_triton_autotuner_calls_the_pruning_with_the_launch_arguments():
         assert tuner.prune_configs({}) == want
 
 
+@pytest.mark.parametrize("module, kernel", [("linear_forward", "linear_forward_kernel"),
+                                            ("linear_backward", "linear_backward_kernel")])
+def test_the_fused_kernels_autotune_with_the_dtype_pruning(module, kernel):
+    tuner = getattr(importlib.import_module(f"nca_kernels.backends.triton.{module}"), kernel)
+    assert tuner.early_config_prune is tuning.by_dtype
+
+
 def test_ptxas_report_is_read_or_refused():
     log = ("ptxas info    : Function properties for k\n    48 bytes stack frame, 40 bytes spill stores, "
            "44 bytes spill loads\nptxas info    : Used 255 registers, used 1 barriers\n")
     assert ptxas_usage(log) == [(255, 84)]
     assert ptxas_usage(log + log.replace("255", "40").replace("44 bytes", "0 bytes")) == [(255, 84), (40, 40)]
-    for bad in ("ptxas info    : 11 bytes gmem\n", log.split("ptxas info    : Used")[0]):
+    unpaired = log + "ptxas info    : Used 64 registers\n"
+    for bad in ("ptxas info    : 11 bytes gmem\n", log.split("ptxas info    : Used")[0], unpaired):
         with pytest.raises(ValueError, match="no register and spill count"):
             ptxas_usage(bad)

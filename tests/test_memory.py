@@ -136,6 +136,7 @@ def test_tile_shape_counts_the_product_row_only_where_it_exists(monkeypatch, wid
     (3584, 152064, 48 << 20, (877, 14336)),  # Qwen2-7B: 14359 columns before alignment
     (5120, 152064, 48 << 20, (614, 20480)),  # 20506 before
     (16, 1000, 1000, (3, 102)),  # under 128 columns: as the budget gives
+    (64, 1000, 1500, (1, 384)),  # one row: columns rounded down to whole blocks
     (64, 1000, 64 << 20, (1024, 1000)),  # the whole vocabulary
 ])
 def test_tile_columns_are_aligned_when_the_vocabulary_is_split(monkeypatch, h, v, budget, want):

@@ -25,6 +25,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if unavailable_reason("triton", torch.device(DEVICE)) is not None:
     pytest.skip(unavailable_reason("triton", torch.device(DEVICE)), allow_module_level=True)
 
+from nca_kernels.backends.triton import logits as triton_logits  # noqa: E402
+from nca_kernels.backends.triton import tuning  # noqa: E402
+from nca_kernels.backends.triton.linear_backward import linear_backward_kernel  # noqa: E402
+from nca_kernels.backends.triton.linear_forward import linear_forward_kernel  # noqa: E402
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -190,6 +195,51 @@ def test_fused_16bit_weight_grad_summed_in_its_dtype(dtype, schedule):
         assert ((g.double() - w).norm() / w.norm()).item() < tol
 
 
+def _force_config(monkeypatch, kernel, config):
+    monkeypatch.setattr(kernel, "configs", [config])  # one config: the autotuner runs it untimed
+
+
+# The autotuner runs only the fastest config of a list on a GPU, and the interpreter a small one of
+# its own: force each config in turn, on sizes its blocks do not divide (H and V multiples of 16,
+# as compile_check compiles them). fp16 stands for 16 bits: the interpreter has no bf16 atomics.
+@pytest.mark.parametrize("dtype, index", [
+    pytest.param(dtype, i, id=f"{str(dtype)[6:]}-{i}")
+    for dtype, backward in [(torch.float32, tuning.FLOAT32_LINEAR_BACKWARD),
+                            (torch.float16, tuning.HOPPER_LINEAR_BACKWARD)]
+    for i in range(len(backward))])
+def test_every_fused_config_is_exact(monkeypatch, dtype, index):
+    forward, backward = ((tuning.FLOAT32_LINEAR, tuning.FLOAT32_LINEAR_BACKWARD) if dtype == torch.float32
+                         else (tuning.HOPPER_LINEAR, tuning.HOPPER_LINEAR_BACKWARD))
+    _force_config(monkeypatch, linear_forward_kernel, forward[index % len(forward)])
+    _force_config(monkeypatch, linear_backward_kernel, backward[index])
+    batch = make_batch(b=2, k=2, t=40, h=80, v=1040, bias=True, empty_seq=1, device=DEVICE, seed=15)
+    for schedule in ("fused", "deterministic"):  # the matmul schedule runs no fused kernel
+        with config.triton_options(**SCHEDULES[schedule]):
+            got = run_logprobs(batch, dtype)
+        if dtype == torch.float32:
+            assert_close(got, ref_logprobs(batch), rtol=1e-4, atol=1e-4)
+            continue
+        want = ref_logprobs(batch.cast(dtype).cast(torch.float64))  # the same rounded inputs
+        torch.testing.assert_close(got[0].double(), want[0], rtol=1e-2, atol=2e-2)
+        for g, w in zip(got[1:], want[1:]):
+            assert ((g.double() - w).norm() / w.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("index", range(len(tuning.HOPPER_ROW)))
+def test_every_from_logits_config_is_exact(monkeypatch, index):
+    """The from-logits kernels with each row config forced: from logits (out of place), and reducing
+    the matmul schedule's logit tiles (in place)."""
+    for kernel in (triton_logits.logits_forward_kernel, triton_logits._backward, triton_logits._backward_in_place):
+        _force_config(monkeypatch, kernel, tuning.HOPPER_ROW[index])
+    batch = make_batch(b=2, k=2, t=40, h=80, v=5008, bias=True, empty_seq=1, device=DEVICE, seed=16)
+    assert_close(run_logprobs(batch, torch.float32), ref_logprobs(batch), rtol=1e-4, atol=1e-4)
+    logits = (batch.hidden @ batch.weight.t() + batch.bias).detach()
+    x, ref = logits.float().requires_grad_(), logits.double().requires_grad_()
+    got = sequence_logprobs_from_logits(x, batch.labels, backend="triton")
+    want = reference.sequence_logprobs_from_logits(ref, batch.labels)
+    assert_close((got, *grads(got, [x])), (want, *grads(want, [ref])), rtol=1e-5, atol=1e-5)
+
+
 def test_filtering_skips_small_tiles_but_keeps_bias_grad():
     batch = make_batch(b=1, k=2, t=8, h=16, v=37, bias=True, device=DEVICE, seed=8)
     exact = run_logprobs(batch, torch.float32)
@@ -265,10 +315,6 @@ def test_gpu_float32_matches_reference_on_a_bigger_shape(schedule):
 @gpu
 def test_gpu_autotuner_picks_from_the_weight_dtype_configs():
     """Same H and V in bf16, then float32: each dtype is tuned on its own list."""
-    from nca_kernels.backends.triton import tuning
-    from nca_kernels.backends.triton.linear_backward import linear_backward_kernel
-    from nca_kernels.backends.triton.linear_forward import linear_forward_kernel
-
     batch = make_batch(b=1, k=2, t=64, h=136, v=1031, device="cuda", seed=14)
     for dtype, forward, backward in [(torch.bfloat16, tuning.HOPPER_LINEAR, tuning.HOPPER_LINEAR_BACKWARD),
                                      (torch.float32, tuning.FLOAT32_LINEAR, tuning.FLOAT32_LINEAR_BACKWARD)]:
@@ -276,6 +322,8 @@ def test_gpu_autotuner_picks_from_the_weight_dtype_configs():
             run_logprobs(batch, dtype)
         assert linear_forward_kernel.best_config in forward
         assert linear_backward_kernel.best_config in backward
+        assert set(linear_forward_kernel.configs_timings) == set(forward)  # all timed, no other
+        assert set(linear_backward_kernel.configs_timings) == set(backward)
 
 
 @pytest.mark.gpu

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -279,3 +280,300 @@ def test_reduced_instances_share_their_reference(monkeypatch):
     rows = run.run_case(case, torch.device("cpu"), peers.Options(compile_peers=False), args)
     assert len(rows) == 3 and all(r["err_on"] and r["grad_err"] < 1e-5 for r in rows), rows
     assert len(calls) == 1
+
+
+# --- the harness's arithmetic, on stand-ins (no timing of real kernels) ----------------------------
+
+
+def test_grad_error_is_the_largest_absolute_error_relative_to_each_reference():
+    """grad_err is max(dh_err, dw_err), each max |g - g64| / max |g64| (errors of either sign)."""
+    import torch
+    sys.path.insert(0, ROOT)
+    from benchmarks import run
+    f64 = torch.float64
+    rdh, rdw = torch.tensor([[1.0, -4.0]], dtype=f64), torch.tensor([[2.0, 0.5]], dtype=f64)
+    dh = (rdh + torch.tensor([[0.0, -0.4]], dtype=f64)).float()  # a negative error: 0.4 / 4
+    dw = (rdw + torch.tensor([[0.3, 0.0]], dtype=f64)).float()  # 0.3 / 2, the larger one
+    err = run.grad_error((torch.tensor(1.5), dh, dw), (torch.tensor(1.0, dtype=f64), rdh, rdw))
+    assert err["dh_err"] == pytest.approx(0.1, rel=1e-6) and err["dw_err"] == pytest.approx(0.15, rel=1e-6)
+    assert err["grad_err"] == err["dw_err"] and err["loss_err"] == pytest.approx(0.5)
+    missing = run.grad_error((torch.tensor(1.0), None, dw), (torch.tensor(1.0, dtype=f64), rdh, rdw))
+    assert missing["grad_err"] == float("inf")
+
+
+def test_time_interleaved_warms_up_and_syncs_around_each_step(monkeypatch):
+    """``warmup`` untimed rounds run before the timed ones, each step timed between two device syncs;
+    the output kept is the last round's."""
+    import torch
+    sys.path.insert(0, ROOT)
+    from benchmarks import run
+    events, count = [], []
+    monkeypatch.setattr(run, "sync", lambda device: events.append("sync"))
+
+    def step():
+        count.append(1)
+        events.append("step")
+        return len(count)
+
+    times, last = run.time_interleaved({"a": step}, torch.device("cpu"), 2, 1)
+    assert len(count) == 3 and len(times["a"]) == 2 and last == {"a": 3}
+    assert events == ["sync", "step", "sync"] * 3
+
+
+def _run_case(monkeypatch, impls, case, fake_times=None, reps=3):
+    """run.run_case over ``impls`` on CPU, with the timed rounds replaced by ``fake_times``."""
+    import torch
+
+    from benchmarks import peers, run
+    if fake_times is not None:
+        real = run.time_interleaved
+
+        def timed(steps, device, reps, warmup, failed=None):
+            times, last = real(steps, device, reps, warmup, failed)
+            return {n: list(fake_times[n]) for n in times}, last
+
+        monkeypatch.setattr(run, "time_interleaved", timed)
+    monkeypatch.setattr(peers, "implementations", lambda device: impls)
+    args = argparse.Namespace(only=None, skip=None, reps=reps, warmup=0, err_flops=1e12)
+    rows = run.run_case(case, torch.device("cpu"), peers.Options(compile_peers=False), args)
+    return {r["impl"]: r for r in rows}
+
+
+def test_run_case_reports_the_median_and_the_ratios(monkeypatch):
+    """median_ms is the median of the timed rounds; time_vs_naive and time_vs_matmuls divide by the
+    medians of naive and of the three matmuls, peak_vs_naive by naive's peak."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import peers
+    fake = {"naive": [4.0, 1.0, 31.0], "ours[torch,recompute]": [2.0, 3.0, 1.0], "three_matmuls": [1.0, 0.5, 10.0]}
+    impls = {"naive": peers.naive, "ours[torch,recompute]": peers.ours("torch", True)}
+    rows = _run_case(monkeypatch, impls, peers.Case("t", B=1, K=2, T=8, H=8, V=32, floor=True), fake)
+    naive, ours, floor = rows["naive"], rows["ours[torch,recompute]"], rows["three_matmuls"]
+    assert (naive["median_ms"], ours["median_ms"], floor["median_ms"]) == (4.0, 2.0, 1.0)
+    assert naive["times_ms"] == fake["naive"]
+    assert ours["time_vs_naive"] == 0.5 and ours["time_vs_matmuls"] == 2.0 and naive["time_vs_matmuls"] == 4.0
+    assert floor["time_vs_naive"] == 0.25 and naive["time_vs_naive"] == 1.0
+    assert ours["peak_vs_naive"] == ours["peak_bytes"] / naive["peak_bytes"] != 1.0
+    assert ours["grad_err"] < 1e-4
+
+
+def test_run_case_records_an_adapter_that_raises(monkeypatch):
+    sys.path.insert(0, ROOT)
+    from benchmarks import peers
+
+    def broken(problem, device, opts):
+        raise RuntimeError("no kernel for this shape")
+
+    rows = _run_case(monkeypatch, {"naive": peers.naive, "broken": broken},
+                     peers.Case("t", B=1, K=2, T=8, H=8, V=32), reps=1)
+    assert rows["broken"]["status"] == "error" and rows["broken"]["reason"] == "RuntimeError: no kernel for this shape"
+    assert rows["naive"]["status"] == "ok"
+
+
+def test_check_error_uses_the_problem_the_adapter_solves():
+    """An adapter that solves a variant of the problem (Liger's layout) is checked against that."""
+    import torch
+    sys.path.insert(0, ROOT)
+    from benchmarks import peers, run
+    cpu, opts = torch.device("cpu"), peers.Options(compile_peers=False)
+    case = peers.Case("t", B=1, K=2, T=8, H=8, V=32)
+    given, variant = peers.make_problem(case, cpu, seed=0), peers.make_problem(case, cpu, seed=1)
+    prep = peers.naive(variant, cpu, opts)
+    prep.solves = variant
+    err = run.check_error(peers.naive, prep, given, case, cpu, opts, run.References(cpu), err_flops=1e12)
+    assert err["grad_err"] < 1e-5, err
+
+
+def test_main_settings_cases_and_json_fields(monkeypatch):
+    import torch
+    sys.path.insert(0, ROOT)
+    from benchmarks import run
+    seen = []
+    monkeypatch.setattr(run, "run_case", lambda case, device, opts, args: seen.append((case.name, case.logits)) or [])
+    smoke = run.main(["--device", "cpu", "--smoke", "--cases", "no-such-case"])
+    assert (smoke["settings"]["reps"], smoke["settings"]["warmup"]) == (1, 0)
+    result = run.main(["--device", "cpu", "--quick", "--cases", "foundation", "tokens", "--logits", "peaked"])
+    assert seen == [("foundation", "peaked")] + [("tokens", "peaked")] * 3
+    assert result["device"] == run.device_name(torch.device("cpu")) and "CPUs" in result["device"]
+    assert {"torch", "triton", "liger-kernel", "cut-cross-entropy", "trl", "transformers"} <= set(result["versions"])
+    assert result["versions"]["triton"] and result["date"][:2] == "20"
+
+
+def test_cases_past_the_time_budget_are_recorded_as_skipped(monkeypatch):
+    import time
+    sys.path.insert(0, ROOT)
+    from benchmarks import run
+    ran = []
+
+    def slow_case(case, device, opts, args):
+        ran.append(case.name)
+        time.sleep(0.2)
+        return []
+
+    monkeypatch.setattr(run, "run_case", slow_case)
+    result = run.main(["--device", "cpu", "--quick", "--time-budget", "0.1"])
+    skipped = [r for r in result["rows"] if r["status"] == "skip"]
+    assert len(ran) + len(skipped) == 4 and len(skipped) >= 3, (ran, skipped)
+    assert all(r["reason"] == "time budget" and r["impl"] == "*" for r in skipped)
+
+
+def test_fits_search_doubles_up_to_the_largest_that_runs(monkeypatch):
+    """The GPU fit search on stand-ins that run out of memory past a token count."""
+    import torch
+    sys.path.insert(0, ROOT)
+    from benchmarks import peers, run
+    monkeypatch.setattr(run, "pair_case", lambda name, n, T, H, V, dtype: peers.Case(name, B=n, K=2, T=2, H=2, V=4))
+
+    def fits_up_to(limit):
+        def adapter(problem, device, opts):
+            tokens = problem.hidden.shape[0] // 2
+
+            def step():
+                if tokens > limit:
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate")
+            return peers.Prepared(step)
+        return adapter
+
+    def broken(problem, device, opts):
+        raise ValueError("bad shape")
+
+    impls = {"small": fits_up_to(4), "big": fits_up_to(1 << 30), "none": fits_up_to(0),
+             "skip": lambda p, d, o: "needs a GPU", "broken": broken}
+    monkeypatch.setattr(peers, "implementations", lambda device: impls)
+    args = argparse.Namespace(only=None, skip=None, fit_start=1, fit_max=8)
+    out = {f["impl"]: f for f in run.fits_search(torch.device("cpu"), peers.Options(), args, float("inf"))}
+    assert (out["small"]["fits_tokens"], out["small"]["first_oom_tokens"]) == (4, 8)
+    assert (out["big"]["fits_tokens"], out["big"]["first_oom_tokens"]) == (8, None)
+    assert "fits the largest tried (8 tokens)" in out["big"]["note"]
+    assert (out["none"]["fits_tokens"], out["none"]["first_oom_tokens"]) == (None, 1)
+    assert out["skip"]["status"] == "skip" and out["skip"]["reason"] == "needs a GPU"
+    assert out["broken"]["status"] == "error" and out["broken"]["reason"] == "ValueError: bad shape"
+    assert out["broken"]["first_oom_tokens"] is None
+
+
+def test_foundation_targets_pass_only_when_both_are_met():
+    sys.path.insert(0, ROOT)
+    from benchmarks import run
+
+    def row(name, impl, peak, time):
+        return {"name": name, "impl": impl, "status": "ok", "peak_vs_naive": peak, "time_vs_matmuls": time}
+
+    out = run.foundation_summary([row("foundation", "ours[torch,recompute]", 0.04, 2.0),
+                                  row("foundation", "ours[torch,group]", 0.15, 1.1),
+                                  row("tokens", "ours[torch,recompute]", 0.01, 1.0)])
+    assert out["ours[torch,recompute]"]["pass"] is False and out["ours[torch,group]"]["pass"] is True
+    assert out["ours[torch,recompute]"]["peak_vs_naive"] == 0.04
+
+
+def test_select_only_and_skip():
+    sys.path.insert(0, ROOT)
+    from benchmarks import run
+    impls = {"naive": 0, "ours[torch,recompute]": 1, "ours[torch,group]": 2, "ours[triton,recompute]": 3}
+    assert list(run.select(impls, None, ["group"])) == ["naive", "ours[torch,recompute]", "ours[triton,recompute]"]
+    assert list(run.select(impls, ["ours[torch"], ["group"])) == ["ours[torch,recompute]"]
+    assert list(run.select(impls, ["naive", "triton"])) == ["naive", "ours[triton,recompute]"]
+
+
+def test_tile_sweep_rows_chunks_extra_memory_and_ratio(monkeypatch):
+    """On the torch backend: a tile as tall as the token count is kept, chunks round up, extra memory
+    leaves out the gradients, time_vs_matmuls is the row's time over the three matmuls'."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import run, tile_sweep
+    grads = (2 * 64 * 32 + 300 * 32) * 2  # dH and dW, bf16 (the headline dtype)
+    monkeypatch.setattr(run, "measure_peak", lambda prepared, device: grads + (1 << 20))
+    monkeypatch.setattr(run, "time_interleaved",
+                        lambda steps, device, reps, warmup: ({n: [2.0 if n == "floor" else 3.0] for n in steps}, {}))
+    result = tile_sweep.main(["--device", "cpu", "--case", "1,2,64,32,300", "--rows", "24", "64", "128",
+                              "--cols", "512", "--backends", "torch"])
+    rows = result["rows"]
+    assert [(r["rows"], r["cols"], r["chunks"]) for r in rows] == [(24, 300, 3), (64, 300, 1)]
+    assert all(r["extra_mib"] == 1.0 and r["time_vs_matmuls"] == 1.5 and r["grad_err"] < 2e-2 for r in rows), rows
+    assert result["three_matmuls_ms"] == 2.0
+
+
+def test_cuda_peak_is_measured_above_the_bytes_already_allocated(monkeypatch):
+    """The CUDA branch of the meter, on a fake allocator: an earlier peak is reset, the inputs left out."""
+    import torch
+    sys.path.insert(0, ROOT)
+    from benchmarks import memory
+    state = {"allocated": 1000, "peak": 5000}  # an earlier call peaked at 5000 bytes
+
+    def reset(device=None):
+        state["peak"] = state["allocated"]
+
+    def fn():
+        state["peak"] = max(state["peak"], state["allocated"] + 300)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    assert memory.peak_bytes(fn, torch.device("cuda")) == 300
+
+
+def test_storage_peak_counts_a_storage_once():
+    """Two outputs viewing one new storage count its bytes once."""
+    import torch
+    sys.path.insert(0, ROOT)
+    from benchmarks.memory import StoragePeak
+
+    def two_views(x):
+        out = torch.empty(1024)  # 4 KiB, made inside the mode
+        return out[:512], out[512:]
+
+    x = torch.zeros(1)  # made before: not counted
+    with StoragePeak() as mode:
+        a, b = mode.__torch_dispatch__(two_views, (), (x,))
+        assert a.untyped_storage()._cdata == b.untyped_storage()._cdata
+    assert mode.peak == 4096, mode.peak
+
+
+def test_accumulation_errors_and_chunk_counts(tmp_path):
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from benchmarks import accumulation
+    f64 = torch.float64
+    r = torch.tensor([[3.0, -4.0]], dtype=f64)
+    err = accumulation.errors((r - torch.tensor([[0.0, 0.5]], dtype=f64), r), (r, r))  # dH off by -0.5
+    assert err["dh_max"] == pytest.approx(0.5 / 4) and err["dh_rms"] == pytest.approx(0.5 / 5)
+    assert err["dw_max"] == 0 and err["dw_rms"] == 0
+    out = tmp_path / "acc.json"
+    accumulation.main(["--n", "256", "--h", "32", "--v", "64", "--chunks", "3", "8", "--seeds", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["impl"], r["chunks"]) for r in rows] == [("naive", 1)] + [
+        (f"rowchunk[{m}]", c) for c in (3, 8) for m in ("weight", "float32")]
+    assert [r["tile"][0] for r in rows[1:]] == [86, 86, 32, 32]  # ceil(256 / 3) token rows per chunk
+    assert all(0 < r[k] < 2e-2 for r in rows for k in ("dh_max", "dh_rms", "dw_max", "dw_rms")), rows
+
+
+def test_peer_token_logps_feed_our_loss_like_the_naive_loss():
+    """The per-token log-probs of TRL and CCE summed per sequence and fed to our loss with ref_logps."""
+    import torch
+    sys.path.insert(0, ROOT)
+    from benchmarks import peers
+    from nca_kernels import reference
+    p = peers.make_problem(peers.Case("t", B=2, K=2, T=8, H=8, V=32), torch.device("cpu"))
+    masks = []
+
+    def token_logps(mask):
+        masks.append(mask)
+        lp = torch.log_softmax((p.hidden @ p.weight.t()).float(), -1)
+        return lp.gather(-1, p.labels.clamp(min=0)[..., None]).squeeze(-1) * mask
+
+    got = peers._with_our_loss(p, token_logps)()
+    want = reference.fused_nca_loss(p.hidden, p.weight, p.labels, p.rewards, p.ref_logps, **p.loss_kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(masks[0], p.labels != peers.IGNORE)
+
+
+def test_problem_labels_and_the_matmul_floor_cover_the_response_tokens():
+    import torch
+    sys.path.insert(0, ROOT)
+    from benchmarks import peers
+    case = peers.Case("t", B=1, K=2, T=10, H=8, V=32)
+    p = peers.make_problem(case, torch.device("cpu"))
+    assert (p.labels[:, : case.prompt_len] == peers.IGNORE).all() and (p.labels[:, case.prompt_len:] >= 0).all()
+    assert int((p.labels != peers.IGNORE).sum()) == case.tokens == 10
+    floor = peers.three_matmuls(p, torch.device("cpu"), peers.Options())
+    loss, dh, dw = floor.step()
+    assert loss is None and not floor.has_grads and dh.shape == (case.tokens, case.H) and dw.shape == (case.V, case.H)

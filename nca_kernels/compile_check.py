@@ -17,6 +17,7 @@ import tempfile
 import time
 import traceback
 
+import torch
 import triton
 from triton import knobs
 from triton.backends.compiler import GPUTarget
@@ -50,8 +51,11 @@ def _arg_type(name: str, dtype: str) -> str:
 
 
 def _linear_flags(dtype: str) -> dict:
+    from .backends.triton.linear_forward import dot_options
+
+    inputs = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype.partition("+")[0]]
     return dict(HAS_BIAS=True, NEED_H=True, NEED_W=True, NEED_B=True, SCATTER_DH=dtype == "fp32",
-                UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32")
+                **dot_options(inputs))
 
 
 def _forward_flags(dtype: str) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 from nca_kernels import (
     chunk_bytes,
@@ -28,7 +29,7 @@ if unavailable_reason("triton", torch.device(DEVICE)) is not None:
 from nca_kernels.backends.triton import logits as triton_logits  # noqa: E402
 from nca_kernels.backends.triton import tuning  # noqa: E402
 from nca_kernels.backends.triton.linear_backward import linear_backward_kernel  # noqa: E402
-from nca_kernels.backends.triton.linear_forward import linear_forward_kernel  # noqa: E402
+from nca_kernels.backends.triton.linear_forward import dot_options, linear_forward_kernel  # noqa: E402
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -141,23 +142,169 @@ def test_logits_backward_in_place_equals_out_of_place():
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on -inf / overflow, masked after
-def test_a_tile_of_minus_inf_logits():
-    """A -inf bias over whole vocabulary tiles (banned tokens): the tiles' logsumexp is -inf, not NaN,
-    in the from-logits kernel that reduces each tile of the matmul schedule; and a row entirely -inf
-    gives -inf."""
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on -inf, masked after
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_a_tile_of_minus_inf_logits(schedule):
+    """A -inf bias over whole vocabulary tiles (banned tokens) ahead of the others: their logsumexp
+    is -inf, not NaN, in the from-logits kernel that reduces each tile of the matmul schedule, and
+    the fused kernels' running max stays -inf over them (shifted by 0, not by -inf); and a row
+    entirely -inf gives -inf."""
     batch = make_batch(b=1, k=2, t=9, h=16, v=70, bias=True, device=DEVICE, seed=12).cast(torch.float32)
     bias = batch.bias.detach().clone()
-    bias[40:] = float("-inf")
-    labels = batch.labels.clamp(max=39).masked_fill(batch.labels == IGNORE, IGNORE)
-    with chunk_bytes(tile=2 * 8 * (4 + 4) * 16):  # 8-row by 20-column tiles: the last two are all -inf
+    bias[:40] = float("-inf")
+    labels = batch.labels.clamp(min=40).masked_fill(batch.labels == IGNORE, IGNORE)
+    # matmul schedule: 8-row by 20-column tiles, the first two all -inf
+    with chunk_bytes(tile=2 * 8 * (4 + 4) * 16), config.triton_options(**SCHEDULES[schedule]):
         got = sequence_logprobs(batch.hidden, batch.weight, labels, bias=bias, backend="triton")
+        got_grads = grads(got, [batch.hidden, batch.weight])
     want = reference.sequence_logprobs(batch.hidden, batch.weight, labels, bias=bias)
-    assert_close([got, *grads(got, [batch.hidden, batch.weight])], [want, *grads(want, [batch.hidden, batch.weight])],
-                 rtol=1e-4, atol=1e-5)
+    assert_close([got, *got_grads], [want, *grads(want, [batch.hidden, batch.weight])], rtol=1e-4, atol=1e-5)
     row = torch.full((1, 70), float("-inf"), device=DEVICE)
     lse, _ = get_backend("triton", torch.device(DEVICE)).logits_forward(row, None, torch.zeros(1, dtype=torch.int64,
                                                                                                    device=DEVICE))
     assert lse.item() == float("-inf")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_logits_far_below_the_exp_range(schedule):
+    """Every logit near -300 (log-probs do not change under a shift): the online logsumexps must
+    start their running max at -inf, not 0, or every exp underflows and lse is -inf."""
+    batch = make_batch(b=1, k=2, t=8, h=16, v=37, bias=True, device=DEVICE, seed=21)
+    batch.bias = (batch.bias.detach() - 300.0).requires_grad_()
+    with config.triton_options(**SCHEDULES[schedule]):
+        got = run_logprobs(batch, torch.float32)
+    assert all(torch.isfinite(x).all() for x in got)
+    assert_close(got, ref_logprobs(batch), rtol=1e-4, atol=1e-3)
+
+
+def test_fused_forward_split_stores_only_its_own_targets():
+    """Vocabulary split 0 launched alone: target logits at or past its end keep their NaN sentinel
+    (the interpreter runs splits in order and would hide two splits writing one target)."""
+    g = torch.Generator().manual_seed(22)
+    n, v, h, v_per_split = 40, 37, 16, 16
+    hidden = torch.randn(n, h, generator=g).to(DEVICE)
+    weight = (torch.randn(v, h, generator=g) / h**0.5).to(DEVICE)
+    index = torch.arange(n, device=DEVICE)
+    targets = index % v
+    part = torch.full((1, n), float("nan"), device=DEVICE)
+    tgt = torch.full((n,), float("nan"), device=DEVICE)
+    linear_forward_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1)](
+        hidden, weight, None, index, targets, part, tgt, n, v, h, v_per_split,
+        hidden.stride(0), weight.stride(0), HAS_BIAS=False, **dot_options(torch.float32))
+    logits = hidden.double().cpu() @ weight.double().cpu().t()
+    mine = (targets < v_per_split).cpu()
+    tgt, part = tgt.cpu().double(), part.cpu().double()
+    assert tgt[~mine].isnan().all()
+    torch.testing.assert_close(tgt[mine], logits[torch.arange(n), targets.cpu()][mine], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(part[0], torch.logsumexp(logits[:, :v_per_split], 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_filter_keeps_tiles_whose_largest_gradient_equals_eps():
+    """Token 0 (bias 1000, zero weight row) takes all the probability: with g = 0.5 every gradient
+    entry is exactly +-0.5 or 0, and filter_eps = 0.5 (it skips tiles whose entries are all below
+    it) skips nothing."""
+    batch = make_batch(b=1, k=2, t=8, h=16, v=37, bias=True, device=DEVICE, seed=23).cast(torch.float32)
+    with torch.no_grad():
+        batch.bias[0] = 1000.0
+        batch.weight[0] = 0.0
+    labels = batch.labels.clamp(min=1).masked_fill(batch.labels == IGNORE, IGNORE)
+
+    def run(eps):
+        with config.triton_options(backward="fused", filter_eps=eps):
+            out = sequence_logprobs(batch.hidden, batch.weight, labels, bias=batch.bias, backend="triton")
+            return torch.autograd.grad(out, batch.leaves(), torch.full_like(out, 0.5))
+
+    exact, filtered = run(0.0), run(0.5)
+    assert exact[0].abs().max() > 0 and exact[1].abs().max() > 0
+    assert_close(filtered, exact, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_token_count_a_multiple_of_the_token_tile():
+    """256 response tokens, a multiple of every BLOCK_N: exactly cdiv(N, BLOCK_N) token tiles."""
+    batch = make_batch(b=1, k=2, t=130, h=16, v=37, bias=True, device=DEVICE, seed=25)
+    batch.labels = torch.randint(0, 37, (2, 130), generator=torch.Generator().manual_seed(25)).to(DEVICE)
+    batch.labels[:, :2] = IGNORE
+    with config.triton_options(backward="fused"):
+        got = run_logprobs(batch, torch.float32)
+    assert_close(got, ref_logprobs(batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["fused", "deterministic"])
+def test_fused_column_major_weight(schedule):
+    """A column-major weight (a tied embedding's transpose): the fused kernels read a contiguous copy."""
+    batch = make_batch(b=1, k=2, t=8, h=16, v=37, bias=True, device=DEVICE, seed=28)
+    b = batch.cast(torch.float32)
+    weight = b.weight.detach().t().contiguous().t().requires_grad_()
+    assert weight.stride(-1) != 1
+    with config.triton_options(**SCHEDULES[schedule]):
+        out = sequence_logprobs(b.hidden, weight, b.labels, bias=b.bias, backend="triton")
+        got = (out, *grads(out, [b.hidden, weight, b.bias]))
+    assert_close(got, ref_logprobs(batch), rtol=1e-5, atol=1e-5)
+
+
+def _logits_case(seed):
+    """(backend, batch, index, targets) for the from-logits passes on (12, 45) logits."""
+    batch = make_batch(b=1, k=2, t=6, v=45, device=DEVICE, seed=seed)
+    index = (batch.labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
+    return get_backend("triton", torch.device(DEVICE)), batch, index, batch.labels.reshape(-1)[index]
+
+
+def test_logits_backward_of_a_row_strided_view():
+    """Logits viewed from a padded (12, 64) buffer: the fresh gradient is written with its own stride."""
+    be, batch, index, targets = _logits_case(26)
+    padded = torch.zeros(12, 64, device=DEVICE)
+    padded[:, :45] = (batch.hidden @ batch.weight.t()).float().reshape(-1, 45)
+    logits2d = padded[:, :45]
+    lse, _ = be.logits_forward(logits2d, index, targets)
+    g = torch.randn(index.numel(), generator=torch.Generator().manual_seed(26)).to(DEVICE)
+    got = be.logits_backward(logits2d, index, targets, lse, g, False)
+    want = torch.zeros(12, 45, dtype=torch.float64)
+    x = logits2d[index].double().cpu()
+    onehot = torch.nn.functional.one_hot(targets.cpu(), 45)
+    want[index.cpu()] = g.double().cpu()[:, None] * (onehot - torch.softmax(x, -1))
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_logits_backward_in_place_on_a_column_strided_view():
+    """In place on a transposed buffer (stride(-1) != 1, which the kernels cannot write): the
+    logits themselves are still overwritten with the gradient."""
+    be, batch, index, targets = _logits_case(27)
+    logits2d = (batch.hidden @ batch.weight.t()).float().reshape(-1, 45).t().contiguous().t()
+    assert logits2d.stride(-1) != 1
+    lse, _ = be.logits_forward(logits2d, index, targets)
+    g = torch.randn(index.numel(), generator=torch.Generator().manual_seed(27)).to(DEVICE)
+    fresh = be.logits_backward(logits2d, index, targets, lse, g, False)
+    same = be.logits_backward(logits2d, index, targets, lse, g, True)
+    assert same.data_ptr() == logits2d.data_ptr()
+    torch.testing.assert_close(logits2d, fresh, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_backward_returns_grads_in_the_weight_dtype():
+    """Even with dW accumulated in float32 (and dH in a float32 scratch)."""
+    be, h = get_backend("triton", torch.device(DEVICE)), 16
+    batch = make_batch(b=1, k=2, t=8, h=h, v=37, bias=True, device=DEVICE, seed=29).cast(torch.float16, False)
+    index = (batch.labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
+    targets = batch.labels.reshape(-1)[index]
+    hidden2d = batch.hidden.reshape(-1, h)
+    with config.triton_options(backward="fused"), config.weight_grad_accumulation("float32"):
+        lse, _ = be.linear_forward(hidden2d, batch.weight, batch.bias, index, targets)
+        dh, dw, db = be.linear_backward(hidden2d, batch.weight, batch.bias, index, targets, lse,
+                                        torch.ones_like(lse), (True, True, True))
+    assert dh.dtype == dw.dtype == db.dtype == torch.float16
+
+
+@pytest.mark.parametrize("schedule", ["fused", "deterministic"])
+def test_fused_16bit_hidden_grad_rounds_once(schedule):
+    """fp16 dH sums its 32 vocabulary tiles in float32 and rounds once (seeds 24-33 under the
+    interpreter: at most 1.6x the error of rounding the exact dH; rounding per tile: 3x or more)."""
+    batch = make_batch(b=1, k=2, t=8, h=16, v=512, device=DEVICE, seed=24)
+    with config.triton_options(**SCHEDULES[schedule]):
+        got = run_logprobs(batch, torch.float16)[1].double()
+    want = ref_logprobs(batch.cast(torch.float16).cast(torch.float64))[1]
+    once = (want.half().double() - want).norm()
+    assert (got - want).norm() < 2.2 * once, ((got - want).norm() / once).item()
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on -inf / overflow, masked after

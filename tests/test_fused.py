@@ -633,3 +633,64 @@ def test_autocast_leaves_float64_alone():
         got = nk.sequence_logprobs(batch.hidden, batch.weight, batch.labels, bias=batch.bias, backend="torch")
     assert got.dtype == f64
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def _tile_pass_inputs(t, dtype):
+    """(hidden2d, weight, bias, index, targets, g) of a 16-bit batch with H=16, V=64, for rowchunk."""
+    batch = make_batch(b=2, k=4, t=t, h=16, v=64, bias=True, dtype=dtype, seed=0)
+    h2d, w, bias = (x.detach() for x in (batch.hidden.reshape(-1, 16), batch.weight, batch.bias))
+    index = (batch.labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
+    g = torch.randn(index.numel(), generator=torch.Generator().manual_seed(0))
+    return h2d, w, bias, index, batch.labels.reshape(-1)[index], g
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matmul_tile_bias_grad_summed_in_float32(dtype):
+    """``db`` of the tile passes (``rowchunk``) sums its token chunks in float32 and rounds once: 16-bit
+    inputs in 8-token chunks give the very ``db`` of one tile holding every token."""
+    from nca_kernels.backends import rowchunk
+    from nca_kernels.backends import torch_chunked as be
+
+    h2d, w, bias, index, targets, g = _tile_pass_inputs(128, dtype)
+    lse, _ = rowchunk.linear_forward(be, h2d, w, bias, index, targets)
+    assert rowchunk.tile_shape(index.numel(), w) == (index.numel(), 64)  # the default budget: one tile
+    whole = rowchunk.linear_backward(be, h2d, w, bias, index, targets, lse, g, (False, False, True))[2]
+    with nk.chunk_bytes(tile=2 * 8 * (2 + 4 + 2) * 16):  # 8-token chunks
+        assert rowchunk.tile_shape(index.numel(), w) == (8, 64)
+        chunked = rowchunk.linear_backward(be, h2d, w, bias, index, targets, lse, g, (False, False, True))[2]
+    assert chunked.dtype == dtype
+    assert (chunked.float() - whole.float()).abs().max() <= torch.finfo(dtype).eps / 2 * whole.float().abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_group_chunk_bias_grad_summed_in_float32(dtype):
+    """``chunk_grads_`` adds each 16-bit chunk's ``db`` to the float32 accumulator unrounded: 8-row
+    chunks give the ``db`` of one chunk holding every row, up to float32 summation order."""
+    from nca_kernels.backends import rowchunk
+    from nca_kernels.backends import torch_chunked as be
+
+    h2d, w, bias, index, targets, g = _tile_pass_inputs(64, dtype)
+    dbias = {}
+    for rows in (index.numel(), 8):
+        dbias[rows] = torch.zeros(64)
+        for r0 in range(0, index.numel(), rows):
+            s = slice(r0, r0 + rows)
+            buf = rowchunk.logits_chunk(h2d, w, bias, index[s])
+            lse, _, shift = rowchunk.chunk_stats_(be, buf, targets[s], True)
+            rowchunk.chunk_grads_(be, buf, h2d, w, index[s], targets[s], lse, shift, g[s], None, None, dbias[rows])
+    whole, chunked = dbias[index.numel()], dbias[8]
+    assert (chunked - whole).abs().max() <= 1e-5 * whole.abs().max()
+
+
+def test_torch_logits_backward_out_of_place_leaves_the_logits_alone():
+    from nca_kernels.backends import torch_chunked as be
+
+    logits = torch.randn(7, 11, dtype=f64)
+    targets = torch.tensor([0, 10, 3, 3, 5, 1, 9])
+    lse, _ = be.logits_forward(logits, None, targets)
+    g = torch.randn(7, dtype=f64)
+    saved = logits.clone()
+    fresh = be.logits_backward(logits, None, targets, lse, g, False)
+    torch.testing.assert_close(logits, saved, rtol=0, atol=0)
+    assert fresh.data_ptr() != logits.data_ptr()
+    torch.testing.assert_close(fresh, be.logits_backward(saved, None, targets, lse, g, True), rtol=0, atol=0)

@@ -149,3 +149,24 @@ def test_tile_columns_are_aligned_when_the_vocabulary_is_split(monkeypatch, h, v
         rows, cols = rowchunk.tile_shape(8192, weight)
     assert (rows, cols) == want
     assert rows * cols * 2 + rows * rowchunk.tile_row_bytes(h, torch.bfloat16, weight.device) <= budget
+
+
+def test_tile_rows_never_exceed_the_tokens(monkeypatch):
+    """Fewer tokens than the budget's rows: a tile holds only those tokens, and their logits take the
+    rest of the budget (here the whole vocabulary)."""
+    from nca_kernels.backends import rowchunk
+
+    monkeypatch.setattr(rowchunk, "wide_addmm", lambda device, dtype: False)
+    weight = torch.empty(128256, 4096, dtype=torch.bfloat16, device="meta")
+    with nk.chunk_bytes(tile=48 << 20):
+        assert rowchunk.tile_shape(8192, weight) == (768, 16384)
+        assert rowchunk.tile_shape(100, weight) == (100, 128256)
+
+
+def test_group_rows_count_the_hidden_and_dh_rows():
+    """A group-chunk row costs its logits, its gathered hidden row and its dH row."""
+    from nca_kernels.backends import rowchunk
+
+    weight = torch.empty(1024, 512, dtype=torch.float32, device="meta")
+    with nk.chunk_bytes(group=512 << 10):
+        assert rowchunk.rows_per_chunk(weight) == (64, 64)  # (1024 + 2 * 512) * 4 bytes a row

@@ -39,6 +39,13 @@ class Batch:
 
         return Batch(c(self.hidden), c(self.weight), c(self.bias), self.labels, self.rewards, self.ref_logps)
 
+    def response_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(index, targets)``: the rows of the flattened ``(S*T,)`` tokens that are response tokens
+        and their labels, as the backends' passes take them."""
+        labels = self.labels.reshape(-1)
+        index = (labels != IGNORE).nonzero().squeeze(1)
+        return index, labels[index]
+
 
 def make_batch(b=2, k=4, t=9, h=16, v=37, *, bias=False, dtype=torch.float64, device="cpu", scale=1.0,
                empty_seq=None, ties=False, seed=None) -> Batch:

@@ -583,8 +583,7 @@ def test_matmul_tile_passes_in_float64(softcap):
 
     batch = make_batch(b=2, k=2, t=9, h=8, v=37, bias=True, seed=8)
     h2d, w, bias = (x.detach() for x in (batch.hidden.reshape(-1, 8), batch.weight, batch.bias))
-    index = (batch.labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
-    targets = batch.labels.reshape(-1)[index]
+    index, targets = batch.response_rows()
     with nk.chunk_bytes(tile=2 * 5 * (8 + 8) * 8):  # 5-token chunks by 16-column tiles
         assert rowchunk.tile_shape(index.numel(), w) == (5, 16)
         got = rowchunk.linear_forward(be, h2d, w, bias, index, targets, softcap)
@@ -639,9 +638,9 @@ def _tile_pass_inputs(t, dtype):
     """(hidden2d, weight, bias, index, targets, g) of a 16-bit batch with H=16, V=64, for rowchunk."""
     batch = make_batch(b=2, k=4, t=t, h=16, v=64, bias=True, dtype=dtype, seed=0)
     h2d, w, bias = (x.detach() for x in (batch.hidden.reshape(-1, 16), batch.weight, batch.bias))
-    index = (batch.labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
+    index, targets = batch.response_rows()
     g = torch.randn(index.numel(), generator=torch.Generator().manual_seed(0))
-    return h2d, w, bias, index, batch.labels.reshape(-1)[index], g
+    return h2d, w, bias, index, targets, g
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

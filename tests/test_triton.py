@@ -124,8 +124,7 @@ def test_logits_backward_in_place_equals_out_of_place():
     be = get_backend("triton", torch.device(DEVICE))
     batch = make_batch(b=1, k=2, t=6, v=45, device=DEVICE, seed=6)
     logits2d = (batch.hidden @ batch.weight.t()).float().reshape(-1, 45)
-    index = (batch.labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
-    targets = batch.labels.reshape(-1)[index]
+    index, targets = batch.response_rows()
     lse, tgt = be.logits_forward(logits2d, index, targets)
     torch.testing.assert_close(tgt, logits2d[index, targets], rtol=0, atol=0)
     g = torch.randn(index.numel(), device=DEVICE)
@@ -141,7 +140,6 @@ def test_logits_backward_in_place_equals_out_of_place():
     torch.testing.assert_close(fresh[index], want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on -inf / overflow, masked after
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on -inf, masked after
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_a_tile_of_minus_inf_logits(schedule):
@@ -247,8 +245,7 @@ def test_fused_column_major_weight(schedule):
 def _logits_case(seed):
     """(backend, batch, index, targets) for the from-logits passes on (12, 45) logits."""
     batch = make_batch(b=1, k=2, t=6, v=45, device=DEVICE, seed=seed)
-    index = (batch.labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
-    return get_backend("triton", torch.device(DEVICE)), batch, index, batch.labels.reshape(-1)[index]
+    return get_backend("triton", torch.device(DEVICE)), batch, *batch.response_rows()
 
 
 def test_logits_backward_of_a_row_strided_view():
@@ -285,8 +282,7 @@ def test_fused_backward_returns_grads_in_the_weight_dtype():
     """Even with dW accumulated in float32 (and dH in a float32 scratch)."""
     be, h = get_backend("triton", torch.device(DEVICE)), 16
     batch = make_batch(b=1, k=2, t=8, h=h, v=37, bias=True, device=DEVICE, seed=29).cast(torch.float16, False)
-    index = (batch.labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
-    targets = batch.labels.reshape(-1)[index]
+    index, targets = batch.response_rows()
     hidden2d = batch.hidden.reshape(-1, h)
     with config.triton_options(backward="fused"), config.weight_grad_accumulation("float32"):
         lse, _ = be.linear_forward(hidden2d, batch.weight, batch.bias, index, targets)
@@ -297,8 +293,8 @@ def test_fused_backward_returns_grads_in_the_weight_dtype():
 
 @pytest.mark.parametrize("schedule", ["fused", "deterministic"])
 def test_fused_16bit_hidden_grad_rounds_once(schedule):
-    """fp16 dH sums its 32 vocabulary tiles in float32 and rounds once (seeds 24-33 under the
-    interpreter: at most 1.6x the error of rounding the exact dH; rounding per tile: 3x or more)."""
+    """fp16 dH sums its vocabulary tiles (32 under the interpreter) in float32 and rounds once (seeds
+    24-33 there: at most 1.6x the error of rounding the exact dH; rounding per tile: 3x or more)."""
     batch = make_batch(b=1, k=2, t=8, h=16, v=512, device=DEVICE, seed=24)
     with config.triton_options(**SCHEDULES[schedule]):
         got = run_logprobs(batch, torch.float16)[1].double()

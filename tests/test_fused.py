@@ -82,8 +82,10 @@ def test_sequence_logprobs(device, backend, average, bias, small_tiles):
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("average", [False, True])
 def test_sequence_logprobs_from_logits(device, backend, average, small_tiles):
+    """Values and gradients against float64; backward leaves the caller's logits as they were."""
     batch = make_batch(b=2, k=2, t=10, h=8, v=61, device=device, empty_seq=1)
     logits = (batch.hidden @ batch.weight.t()).detach().mul(3).to(_dtype(backend)).requires_grad_()
+    before = logits.detach().clone()
     got = nk.sequence_logprobs_from_logits(logits, batch.labels, average=average, backend=backend)
     ref_logits = logits.detach().to(f64).requires_grad_()
     expected = ref.sequence_logprobs_from_logits(ref_logits, batch.labels, average=average)
@@ -94,6 +96,7 @@ def test_sequence_logprobs_from_logits(device, backend, average, small_tiles):
     (e,) = torch.autograd.grad((expected * w).sum(), ref_logits)
     torch.testing.assert_close(g.to(f64), e, **tol)
     assert got[1].item() == 0.0
+    torch.testing.assert_close(logits.detach(), before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -199,6 +202,25 @@ def test_group_buffer_kept(device, backend, scale):
     batch = make_batch(b=3, k=4, t=9, h=12, v=37, bias=True, device=device, empty_seq=1, scale=scale)
     tol32 = None if scale == 1.0 else 1e-3
     _check_fused_loss(batch, backend, False, tol32, beta=0.1, alpha=0.1, loss_type="nca")
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("trained", ["hidden", "weight", "bias"])
+def test_gradient_of_one_input_alone(recompute, trained, small_tiles):
+    """Only one of hidden, weight and bias requires grad (a frozen LM head, say): the loss and that
+    input's gradient equal the float64 reference's."""
+    batch = make_batch(b=2, k=2, t=7, h=8, v=23, bias=True, seed=9)
+    got, want = batch.cast(f64, requires_grad=False), batch.cast(f64, requires_grad=False)
+    kw = dict(beta=0.2, alpha=0.3, loss_type="nca")
+    for b in (got, want):
+        getattr(b, trained).requires_grad_()
+    loss = nk.fused_nca_loss(got.hidden, got.weight, got.labels, got.rewards, got.ref_logps, bias=got.bias,
+                             recompute=recompute, backend="torch", **kw)
+    expected = ref.fused_nca_loss(want.hidden, want.weight, want.labels, want.rewards, want.ref_logps,
+                                  bias=want.bias, **kw)
+    torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(_grads(loss, getattr(got, trained)), _grads(expected, getattr(want, trained)),
+                               rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("loss_type", ["dpo", "nca_pair"])
@@ -314,26 +336,30 @@ def test_long_response_sum_is_accurate(recompute):
     torch.testing.assert_close(got, expected, rtol=4 * 2.0**-24, atol=0)
 
 
-@pytest.mark.parametrize("pack,cap,held_whole", [(1, 1 << 20, True), (1, 1, False)])
-def test_group_pack_and_cap(monkeypatch, pack, cap, held_whole):
+GROUP_ROW = (37 + 2 * 12) * 8  # bytes of one response token's row in test_group_pack_and_cap
+
+
+@pytest.mark.parametrize("pack,cap,calls", [(1, 1 << 20, 3), (1, 1, 2 * 36), (24 * GROUP_ROW, 24 * GROUP_ROW, 2)])
+def test_group_pack_and_cap(monkeypatch, pack, cap, calls):
     """The default group budget packs prompts up to ``pack`` bytes but holds one larger group whole
     up to ``cap`` (one logits matmul per prompt, no recompute); past ``cap`` it recomputes
-    sub-chunks. Results match either way."""
+    sub-chunks (two matmuls a token here). A chunk fills up to its budget exactly: two prompts of
+    12 response tokens fit 24 rows. Results match either way."""
     from nca_kernels import config
     from nca_kernels.backends import rowchunk
 
     batch = make_batch(b=3, k=2, t=9, h=12, v=37, bias=True)
+    batch.labels[:, :3] = IGNORE  # every response 6 tokens long: 12 a prompt, 36 in all
     args = (batch.hidden, batch.weight, batch.labels, batch.rewards, batch.ref_logps)
     kw = dict(beta=0.1, alpha=0.1, bias=batch.bias, recompute=False, backend="torch")
     expected = ref.fused_nca_loss(*args, beta=0.1, alpha=0.1, bias=batch.bias)
-    calls = []
+    made = []
     make = rowchunk.logits_chunk
-    monkeypatch.setattr(rowchunk, "logits_chunk", lambda *a: calls.append(1) or make(*a))
+    monkeypatch.setattr(rowchunk, "logits_chunk", lambda *a: made.append(1) or make(*a))
     monkeypatch.setattr(config, "group_bytes", None)
     monkeypatch.setattr(config, "_DEFAULT_GROUP_BYTES", {"cpu": (pack, cap)})
     loss = nk.fused_nca_loss(*args, **kw)
-    n_tokens = int((batch.labels != -100).sum())
-    assert len(calls) == (3 if held_whole else 2 * n_tokens)
+    assert (batch.labels != IGNORE).sum() == 36 and len(made) == calls
     torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-9)
 
 
@@ -444,22 +470,26 @@ def test_no_gradient_work_without_grad_mode(monkeypatch):
 
 
 @pytest.mark.parametrize("recompute", [True, False])
-def test_shift_predicts_the_next_label(recompute):
+@pytest.mark.parametrize("ignore_index", [IGNORE, 40 + 7])
+def test_shift_predicts_the_next_label(recompute, ignore_index):
     """``shift=True`` takes labels as the inputs (Hugging Face style): the same as slicing
-    ``hidden[:, :-1]`` against ``labels[:, 1:]`` by hand, without copying the hidden states."""
+    ``hidden[:, :-1]`` against ``labels[:, 1:]`` by hand, without copying the hidden states; the last
+    position, which predicts nothing, is marked with the ignore_index given (here also one past V)."""
     batch = make_batch(b=2, k=3, t=11, h=8, v=40)
-    kw = dict(beta=0.2, alpha=0.1, backend="torch")
-    got = nk.fused_nca_loss(batch.hidden, batch.weight, batch.labels, batch.rewards, batch.ref_logps, shift=True,
+    labels = torch.where(batch.labels == IGNORE, ignore_index, batch.labels)
+    kw = dict(beta=0.2, alpha=0.1, ignore_index=ignore_index, backend="torch")
+    got = nk.fused_nca_loss(batch.hidden, batch.weight, labels, batch.rewards, batch.ref_logps, shift=True,
                             recompute=recompute, **kw)
-    want = nk.fused_nca_loss(batch.hidden[:, :-1], batch.weight, batch.labels[:, 1:], batch.rewards,
+    want = nk.fused_nca_loss(batch.hidden[:, :-1], batch.weight, labels[:, 1:], batch.rewards,
                              batch.ref_logps, recompute=recompute, **kw)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for g, w in zip(_grads(got, batch.leaves()), _grads(want, batch.leaves())):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
     logits = batch.hidden @ batch.weight.t()
     torch.testing.assert_close(
-        nk.sequence_logprobs_from_logits(logits, batch.labels, shift=True),
-        ref.sequence_logprobs_from_logits(logits[:, :-1], batch.labels[:, 1:]), rtol=1e-12, atol=1e-12)
+        nk.sequence_logprobs_from_logits(logits, labels, shift=True, ignore_index=ignore_index),
+        ref.sequence_logprobs_from_logits(logits[:, :-1], labels[:, 1:], ignore_index=ignore_index),
+        rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -554,6 +584,31 @@ def test_rewards_and_ref_logps_are_constants(recompute):
     assert rewards.grad is None and ref_logps.grad is None and batch.hidden.grad is not None
 
 
+def test_auto_backend_takes_the_first_usable_one(monkeypatch):
+    """``"auto"`` runs the first usable backend of the device type's preference list: the torch backend
+    on CPU and on a device type without a list, passing over one that cannot run (cuda for CPU)."""
+    from nca_kernels import backends
+    from nca_kernels.backends import torch_chunked
+
+    cpu = torch.device("cpu")
+    assert backends.get_backend("auto", cpu) is torch_chunked
+    assert backends.get_backend("auto", torch.device("meta")) is torch_chunked
+    monkeypatch.setitem(backends._AUTO, "cpu", ("cuda", "torch"))
+    assert backends.get_backend("auto", cpu) is torch_chunked
+
+
+def test_backend_that_cannot_be_imported_is_unavailable(monkeypatch):
+    """A backend whose module (or a dependency) fails to import is reported unavailable, with the
+    import error, and asking for it by name raises."""
+    from nca_kernels import backends
+
+    monkeypatch.setitem(backends._MODULES, "missing", "nca_kernels.backends.no_such_module")
+    cpu = torch.device("cpu")
+    assert "could not be imported: No module named" in backends.unavailable_reason("missing", cpu)
+    with pytest.raises(RuntimeError, match="backend 'missing' could not be imported"):
+        backends.get_backend("missing", cpu)
+
+
 @pytest.mark.parametrize("device,backend", CASES)
 def test_index_none_covers_every_row(device, backend):
     """The backend protocol's linear passes take ``index=None`` for every row."""
@@ -611,18 +666,50 @@ def test_torch_logits_backward_in_place_zeroes_rows_outside_index():
 
 
 def test_module_passes_its_options():
+    """Every option the module holds reaches fused_nca_loss (a custom ignore_index past V included),
+    and ``return_metrics`` reaches it from the call."""
     batch = make_batch(b=2, k=3, t=7, h=8, v=23, bias=True)
-    kw = dict(beta=0.3, alpha=0.2, loss_type="nca", average=True, shift=True, softcap=2.0, recompute=False,
-              backend="torch")
+    labels = torch.where(batch.labels == IGNORE, 23 + 7, batch.labels)
+    kw = dict(beta=0.3, alpha=0.2, loss_type="nca", ignore_index=23 + 7, average=True, shift=True, softcap=2.0,
+              recompute=False, backend="torch")
     module = nk.FusedNCALoss(**kw)
-    args = (batch.hidden, batch.weight, batch.labels, batch.rewards, batch.ref_logps)
+    args = (batch.hidden, batch.weight, labels, batch.rewards, batch.ref_logps)
     got = module(*args, bias=batch.bias)
     expected = nk.fused_nca_loss(*args, bias=batch.bias, **kw)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     for a, b in zip(torch.autograd.grad(got, batch.leaves()), torch.autograd.grad(expected, batch.leaves())):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    plain = nk.fused_nca_loss(*args, bias=batch.bias, beta=0.3, alpha=0.2, backend="torch")
+    plain = nk.fused_nca_loss(*args, bias=batch.bias, beta=0.3, alpha=0.2, ignore_index=23 + 7, backend="torch")
     assert not torch.allclose(got, plain)
+    loss, metrics = module(*args, bias=batch.bias, return_metrics=True)
+    want_loss, want = nk.fused_nca_loss(*args, bias=batch.bias, return_metrics=True, **kw)
+    torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
+    for key, value in want.items():
+        torch.testing.assert_close(metrics[key], value, rtol=0, atol=0)
+
+
+def test_module_defaults():
+    """``FusedNCALoss()`` holds fused_nca_loss's defaults for every option the two share, and
+    beta = alpha = 0.01."""
+    import inspect
+
+    module = nk.FusedNCALoss()
+    params = inspect.signature(nk.fused_nca_loss).parameters
+    for name in ("loss_type", "ignore_index", "average", "shift", "softcap", "recompute", "backend"):
+        assert getattr(module, name) == params[name].default, name
+    assert (module.beta, module.alpha) == (0.01, 0.01)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_takes_the_log_softmax_in_float32(dtype):
+    """The naive reference reads 16-bit logits as given but takes their log-softmax in float32 (as
+    the official code does): float32 log-probs, equal to float64's on the same rounded logits."""
+    batch = make_batch(b=1, k=2, t=12, h=16, v=300, seed=6)
+    logits = (batch.hidden @ batch.weight.t()).detach().mul(3).to(dtype)
+    got = ref.sequence_logprobs_from_logits(logits, batch.labels)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.to(f64), ref.sequence_logprobs_from_logits(logits.to(f64), batch.labels),
+                               rtol=1e-6, atol=1e-4)
 
 
 def test_autocast_leaves_float64_alone():
@@ -679,6 +766,28 @@ def test_group_chunk_bias_grad_summed_in_float32(dtype):
             rowchunk.chunk_grads_(be, buf, h2d, w, index[s], targets[s], lse, shift, g[s], None, None, dbias[rows])
     whole, chunked = dbias[index.numel()], dbias[8]
     assert (chunked - whole).abs().max() <= 1e-5 * whole.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_group_mode_bias_grad_summed_in_float32(dtype):
+    """``recompute=False`` with 16-bit inputs sums the chunks' bias gradients in float32 and rounds
+    once: one-row chunks (about a hundred) give the bias gradient of one chunk holding every row
+    within one rounding, and both are near the float64 reference's."""
+    batch = make_batch(b=4, k=2, t=24, h=16, v=64, bias=True, seed=0)
+    kw = dict(beta=0.1, alpha=0.1)
+    r = batch.cast(f64)
+    expected = _grads(ref.fused_nca_loss(r.hidden, r.weight, r.labels, r.rewards, r.ref_logps, bias=r.bias, **kw),
+                      r.bias)[0]
+    b = batch.cast(dtype)
+    dbias = []
+    for group in (1, 1 << 30):
+        with nk.chunk_bytes(group=group):
+            loss = nk.fused_nca_loss(b.hidden, b.weight, b.labels, b.rewards, b.ref_logps, bias=b.bias,
+                                     recompute=False, backend="torch", **kw)
+            dbias.append(_grads(loss, b.bias)[0].to(f64))
+    chunked, whole = dbias
+    assert (chunked - whole).abs().max() <= torch.finfo(dtype).eps * whole.abs().max()
+    assert (whole - expected).abs().max() <= 3e-2 * expected.abs().max()
 
 
 def test_torch_logits_backward_out_of_place_leaves_the_logits_alone():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import nca_kernels as nk
-from nca_kernels.losses import preference_metrics, soft_labels
+from nca_kernels.losses import loss_sum_and_grad, loss_terms, per_prompt_loss, preference_metrics, soft_labels
 
 f64 = torch.float64
 
@@ -161,3 +161,28 @@ def test_pair_aliases_ignore_alpha(loss_type):
     at_zero = nk.nca_loss(policy, ref, rewards, beta=0.5, alpha=0.0, loss_type=loss_type)
     torch.testing.assert_close(nk.nca_loss(policy, ref, rewards, beta=0.5, alpha=0.7, loss_type=loss_type), at_zero,
                                rtol=0, atol=0)
+
+
+def test_per_prompt_loss_rejects_an_unknown_base():
+    """A base loss other than "infonca" or "nca" raises instead of returning nothing."""
+    r = torch.zeros(2, 3, dtype=f64)
+    with pytest.raises(ValueError, match="unknown base loss 'ipo'"):
+        per_prompt_loss(r, soft_labels(r, 1.0), "ipo")
+
+
+@pytest.mark.parametrize("loss_type", ["infonca", "nca"])
+def test_loss_sum_and_grad_matches_autograd(loss_type):
+    """The group path's chunk step: ``scale`` times the summed per-prompt losses, their gradient on
+    policy_logps and the model rewards, equal to autograd through ``loss_terms`` in float64, and the
+    caller's tensor left as it was (no gradient flag set on it)."""
+    g = torch.Generator().manual_seed(4)
+    policy, ref, rewards = (torch.randn(3, 4, generator=g, dtype=f64) * 5 for _ in range(3))
+    total, grad, model_rewards = loss_sum_and_grad(policy, ref, rewards, 0.7, 0.5, loss_type, 0.25)
+    assert not policy.requires_grad
+    leaf = policy.clone().requires_grad_()
+    losses, want_rewards = loss_terms(leaf, ref, rewards, 0.7, 0.5, loss_type)
+    want = losses.sum() * 0.25
+    torch.testing.assert_close(total, want.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, torch.autograd.grad(want, leaf)[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model_rewards, want_rewards.detach(), rtol=0, atol=0)
+    assert not (total.requires_grad or grad.requires_grad or model_rewards.requires_grad)

@@ -56,6 +56,17 @@ def test_grouped_peak_is_gradients_plus_one_chunk(batch, group):
     assert _grad_bytes(batch) <= peak <= _grad_bytes(batch) + 1.2 * group + (64 << 10)  # measured 1.0 group
 
 
+def test_grouped_peak_at_the_default_budget(batch, monkeypatch):
+    """At the default budget (a chunk may reach 192 MiB, one group 1 GiB) the group path's buffer holds
+    the largest chunk it has, here the logits of every response token, not as many rows as the budget."""
+    from nca_kernels import config
+
+    monkeypatch.setattr(config, "group_bytes", None)
+    peak = peak_bytes(_fwd_bwd(batch, recompute=False), CPU)
+    logits = int((batch.labels != -100).sum()) * batch.weight.shape[0] * 4
+    assert _grad_bytes(batch) + logits <= peak <= _grad_bytes(batch) + 1.2 * logits + (64 << 10)
+
+
 def test_wide_hidden_rows_are_counted():
     """H=512 beside V=1024: the token rows (gathered hidden, dH) weigh as much as the logits, and
     both budgets count them. Recompute: one tile of logits and two of token rows (measured 3.2
@@ -168,3 +179,19 @@ def test_group_rows_count_the_hidden_and_dh_rows():
     weight = torch.empty(1024, 512, dtype=torch.float32, device="meta")
     with nk.chunk_bytes(group=512 << 10):
         assert rowchunk.rows_per_chunk(weight) == (64, 64)  # (1024 + 2 * 512) * 4 bytes a row
+
+
+def test_default_budgets(monkeypatch):
+    """With no budget set: tiles of 1 MiB on CPU and 48 MiB on CUDA; group chunks packed up to 192 MiB
+    on CPU and 1 GiB on CUDA, one group held whole up to 1 GiB; another device type takes the CPU's.
+    A set group budget is both the pack and the cap."""
+    from nca_kernels import config
+
+    monkeypatch.setattr(config, "tile_bytes", None)
+    monkeypatch.setattr(config, "group_bytes", None)
+    budgets = {kind: (config.tile_budget(torch.device(kind)), config.group_budget(torch.device(kind)))
+               for kind in ("cpu", "cuda", "meta")}
+    cpu = (1 << 20, (192 << 20, 1 << 30))
+    assert budgets == {"cpu": cpu, "cuda": (48 << 20, (1 << 30, 1 << 30)), "meta": cpu}
+    with nk.chunk_bytes(tile=4096, group=8192):
+        assert (config.tile_budget(CPU), config.group_budget(torch.device("cuda"))) == (4096, (8192, 8192))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import nca_kernels as nk
+from nca_kernels import validation
 
 from .conftest import make_batch
 
@@ -83,15 +84,19 @@ def test_fused_nca_loss_rejects(batch, over, exc, match):
 def test_shift_checks_every_label_it_reads(batch, position):
     labels = batch.labels.clone()
     labels[:, position] = 10**6
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match="labels contains 1000000, outside"):  # the bad label, not the first one
         _call(batch, labels=labels, shift=True)
 
 
 def test_numbers_read_as_floats(batch):
-    """Any real number (a Fraction here) is read as the Python float it equals."""
+    """Any real number (a Fraction here) is read as the Python float it equals, by fused_nca_loss and
+    by nca_loss."""
     from fractions import Fraction
 
     torch.testing.assert_close(_call(batch, beta=Fraction(1, 10), alpha=Fraction(1, 10)), _call(batch), rtol=0, atol=0)
+    args = (batch.ref_logps + 1.0, batch.ref_logps, batch.rewards)
+    torch.testing.assert_close(nk.nca_loss(*args, beta=Fraction(1, 10), alpha=Fraction(1, 2)),
+                               nk.nca_loss(*args, beta=0.1, alpha=0.5), rtol=0, atol=0)
 
 
 def test_numpy_scalars_accepted(batch):
@@ -222,6 +227,8 @@ def test_other_entry_points_validate(batch):
         nk.sequence_logprobs_from_logits(torch.zeros(4, 5, 3), batch.labels, average=0, backend="torch")
     with pytest.raises(ValueError, match="with V > 0"):
         nk.sequence_logprobs_from_logits(torch.zeros(4, 5, 0), batch.labels, backend="torch")
+    with pytest.raises(ValueError, match="logits must be"):
+        nk.sequence_logprobs_from_logits(torch.zeros(4, 5, 2, 11), batch.labels, backend="torch")
     with pytest.raises(TypeError, match="logits must be a floating"):
         nk.sequence_logprobs_from_logits(torch.zeros(4, 5, 3, dtype=torch.int64), batch.labels, backend="torch")
     with pytest.raises(ValueError, match="labels is on meta"):
@@ -241,6 +248,27 @@ def test_other_entry_points_validate(batch):
     assert nk.config.weight_grad_accum == "weight"  # unchanged by the refused value
 
 
-def test_unavailable_backend_explains(batch):
-    with pytest.raises(RuntimeError, match="cuda"):
-        nk.sequence_logprobs(batch.hidden, batch.weight, batch.labels, backend="cuda")
+@pytest.mark.parametrize("entry", ["sequence_logprobs", "from_logits", "recompute", "group"])
+def test_unavailable_backend_explains(batch, entry):
+    """A backend asked for by name is the one run: "cuda" for CPU tensors raises, on every entry point."""
+    calls = {
+        "sequence_logprobs": lambda: nk.sequence_logprobs(batch.hidden, batch.weight, batch.labels, backend="cuda"),
+        "from_logits": lambda: nk.sequence_logprobs_from_logits(batch.hidden @ batch.weight.t(), batch.labels,
+                                                                backend="cuda"),
+        "recompute": lambda: _call(batch, backend="cuda", recompute=True),
+        "group": lambda: _call(batch, backend="cuda", recompute=False),
+    }
+    with pytest.raises(RuntimeError, match="backend 'cuda' needs tensors on a CUDA device"):
+        calls[entry]()
+
+
+def test_checks_return_python_values():
+    """An int ignore_index (NumPy's too) comes back as a Python int and NumPy bool flags as Python bools,
+    so that no NumPy scalar reaches the label comparisons or the options a module keeps."""
+    np = pytest.importorskip("numpy")
+    labels = torch.tensor([[-100, 3, 4]])
+    for ignore_index in (-100, np.int64(-100)):
+        got = validation.check_labels(labels, (1, 3), 5, ignore_index, "logits[:, :, 0]")
+        assert type(got) is int and got == -100
+    flags = validation.check_flags(average=np.bool_(True), shift=False, recompute=np.bool_(False))
+    assert flags == (True, False, False) and all(type(x) is bool for x in flags)

@@ -47,6 +47,8 @@ def cli_args(model, data, out, batch):
     ([], "--model_name_or_path and --dataset are required"),
     (["--compare"], "--compare needs --demo"),
     (["--model_name_or_path", "missing", "--dataset", "x.jsonl"], "'missing' is not a local model directory"),
+    (["--model_name_or_path", ROOT, "--ref_model_name_or_path", "missing", "--dataset", "x.jsonl"],
+     "--ref_model_name_or_path 'missing' is not a local model directory"),
     (["--loss_type", "ipo"], "loss_type must be one of"),
     (["--label_smoothing_factor", "0.1"], "label_smoothing_factor=0.1: the NCA losses take no label smoothing"),
     (["--model_name_or_path", "m", "--dataset", "x.jsonl", "--backend", "cuda", "--use_cpu"],
@@ -169,3 +171,15 @@ def test_eval_dataset_is_used(model_and_data, tmp_path):
     config = NCAConfig(output_dir=str(tmp_path / "o"), use_cpu=True, report_to=[], max_length=64, max_prompt_length=32)
     t = build_trainer(ScriptArguments(model_name_or_path=model, dataset=data, eval_dataset=data), config)
     assert t.eval_dataset is not None and "ref_logps" in t.eval_dataset.column_names
+
+
+def test_cli_demo_gets_its_settings(tmp_path, monkeypatch):
+    """--demo runs the demo (no model or data needed) with the parsed settings, --compare included."""
+    from nca_kernels.trainer import demo
+
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda config, demo_args, compare=False: calls.append(
+        (config.output_dir, demo_args.demo_prompts, compare)))
+    for flags in ([], ["--compare"]):
+        main(["--demo", *flags, "--output_dir", str(tmp_path), "--demo_prompts", "16"])
+    assert calls == [(str(tmp_path), 16, False), (str(tmp_path), 16, True)]

@@ -68,10 +68,11 @@ def test_config_k_is_checked():
 def test_load_files_and_directories(tmp_path):
     ds = Dataset.from_list(ROWS)
     ds.to_json(tmp_path / "d.jsonl")
+    ds.to_json(tmp_path / "D.JSONL")  # the extension is matched whatever its case
     ds.to_parquet(tmp_path / "d.parquet")
     DatasetDict({"train": ds}).save_to_disk(tmp_path / "dd")
     ds.save_to_disk(tmp_path / "d")
-    for name in ("d.jsonl", "d.parquet", "dd", "d"):
+    for name in ("d.jsonl", "D.JSONL", "d.parquet", "dd", "d"):
         assert load_reward_dataset(str(tmp_path / name)).to_list() == ROWS, name
     with pytest.raises(ValueError, match="expected a .json, .jsonl or .parquet"):
         load_reward_dataset(str(tmp_path / "d.csv"))
@@ -137,6 +138,8 @@ def test_unsupported_datasets_refused():
     with pytest.raises(ValueError, match="row 0: response 1 has no tokens"):
         prepare_dataset(Dataset.from_list([{"prompt": "p", "responses": ["a", ""], "rewards": [1.0, 0.0]}]), no_eos,
                         64, 32)
+    with pytest.raises(ValueError, match="the dataset has no rows"):
+        normalize(Dataset.from_dict({"prompt": [], "responses": [], "rewards": []}))
     with pytest.raises(TypeError, match="expected a datasets.Dataset, got IterableDataset"):
         prepare_dataset(Dataset.from_list(ROWS).to_iterable_dataset(), char_tokenizer(), 64, 32)
 
@@ -160,6 +163,7 @@ def test_collator_keeps_groups_contiguous_and_masks_prompt_and_padding():
     batch = NCACollator(tok.pad_token_id)([data[i] for i in range(3)])
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert batch["input_ids"].shape[0] == 12 and batch["rewards"].shape == batch["ref_logps"].shape == (3, 4)
+    assert batch["rewards"].dtype == batch["ref_logps"].dtype == torch.float32
     for b in range(3):
         row = data[b]
         n_prompt = len(row["prompt_ids"])
@@ -185,9 +189,13 @@ def test_config_rejects_bad_values(tmp_path, kwargs, message):
 
 
 def test_config_defaults_follow_the_paper(tmp_path):
+    """The paper's recipe (cosine schedule, 10% warmup) and the package's own defaults: K from the data,
+    summed log-probs, the auto backend, logits recomputed in backward."""
     cfg = NCAConfig(output_dir=str(tmp_path))
     assert (cfg.beta, cfg.alpha, cfg.loss_type, cfg.learning_rate) == (0.01, 1e-4, "nca", 5e-6)
     assert (cfg.max_length, cfg.max_prompt_length, cfg.remove_unused_columns) == (1024, 512, False)
+    assert (cfg.lr_scheduler_type, cfg.warmup_steps) == ("cosine", 0.1)
+    assert (cfg.K, cfg.average, cfg.backend, cfg.recompute) == (None, False, "auto", True)
 
 
 def test_a_row_with_any_message_list_is_templated_whole():
@@ -252,13 +260,15 @@ def test_pretokenised_rows_are_checked():
 
 
 def test_pretokenised_rows_are_truncated_like_text():
-    """A tokenised row longer than max_length is cut as the same row given as text would be."""
+    """A tokenised row longer than max_length is cut as the same row given as text would be, also
+    when a later row needs no cut."""
     tok = char_tokenizer()
-    text = {"prompt": "abcdefghij", "responses": ["klmnop", "q"], "rewards": [1.0, 0.0]}
-    tokenised = prepare_dataset(Dataset.from_list([text]), tok, 64, 32)[0]
+    text = [{"prompt": "abcdefghij", "responses": ["klmnop", "q"], "rewards": [1.0, 0.0]},
+            {"prompt": "a", "responses": ["b", "c"], "rewards": [1.0, 0.0]}]
+    tokenised = prepare_dataset(Dataset.from_list(text), tok, 64, 32)[0]
     assert len(tokenised[0]["prompt_ids"]) + len(tokenised[0]["response_ids"][0]) > 10
     for max_length, max_prompt_length in ((10, 4), (10, 1), (12, 8)):
-        want = prepare_dataset(Dataset.from_list([text]), tok, max_length, max_prompt_length)[0]
+        want = prepare_dataset(Dataset.from_list(text), tok, max_length, max_prompt_length)[0]
         got = prepare_dataset(tokenised, tok, max_length, max_prompt_length)[0]
         assert got.to_list() == want.to_list(), (max_length, max_prompt_length)
     assert prepare_dataset(tokenised, tok, 64, 32)[0] is tokenised  # nothing to cut: the dataset as given
@@ -302,6 +312,8 @@ def test_implicit_prompt_edges():
                          ({"chosen": "Q: a ", "rejected": "Q: a "}, "they are identical"),
                          ({"chosen": [*chosen, {"role": "user", "content": "x"}],
                            "rejected": [*chosen, {"role": "user", "content": "y"}]},
+                          "they differ from a turn that is not the assistant's"),
+                         ({"chosen": chosen, "rejected": [*user, {"role": "user", "content": "no"}]},
                           "they differ from a turn that is not the assistant's")):
         with pytest.raises(ValueError, match=re.escape(f"row 0: without a prompt column, chosen and rejected must "
                                                        f"start with a shared prompt and go on to differ in the "
@@ -316,7 +328,7 @@ def test_pretokenised_ids_must_be_ints_of_the_whole_tokenizer():
     tok = char_tokenizer()
     good = {"prompt_ids": [1, 5], "response_ids": [[6, 2], [7, 2]], "rewards": [1.0, 0.0]}
     for bad, held in (({"prompt_ids": [1.0, 5.0]}, "1.0"), ({"response_ids": [[True], [True]]}, "True"),
-                      ({"prompt_ids": [1, None, 5]}, "None")):
+                      ({"prompt_ids": [1, None, 5]}, "None"), ({"response_ids": [[6, -1, 2], [7, 2]]}, "-1")):
         with pytest.raises(ValueError, match=re.escape(f"row 0: {next(iter(bad))}") + ".* holds " + held):
             prepare_dataset(Dataset.from_list([{**good, **bad}]), tok, 64, 32)
     tok.add_tokens(["<extra>"])  # added tokens count: len(tokenizer), not its base vocab_size
@@ -412,6 +424,8 @@ def test_tokenized_k_checked():
                            {"prompt_ids": [1], "response_ids": [[5], [6], [7]], "rewards": [0.0, 1.0, 2.0]}])
     with pytest.raises(ValueError, match="row 1: has K=3"):
         prepare_dataset(d, char_tokenizer(), 64, 32)
+    with pytest.raises(ValueError, match="row 0: has K=2 responses, expected K=3 as the K setting has"):
+        prepare_dataset(d.select([0]), char_tokenizer(), 64, 32, k=3)
 
 
 def test_template_prefix_checked():
@@ -439,8 +453,12 @@ def test_response_without_new_message():
 
 
 def test_dataset_dict_train_split(tmp_path):
+    """A saved DatasetDict gives its train split; one without a train split is refused, naming the splits."""
     DatasetDict({"test": Dataset.from_list(ROWS[:1]), "train": Dataset.from_list(ROWS)}).save_to_disk(tmp_path / "dd")
     assert load_reward_dataset(str(tmp_path / "dd")).to_list() == ROWS
+    DatasetDict({"test": Dataset.from_list(ROWS)}).save_to_disk(tmp_path / "no_train")
+    with pytest.raises(ValueError, match=re.escape("holds splits ['test'], none named 'train'")):
+        load_reward_dataset(str(tmp_path / "no_train"))
 
 
 @pytest.mark.parametrize("kwargs", [{"max_prompt_length": 0}, {"backend": "bogus"}])

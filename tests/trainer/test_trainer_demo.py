@@ -1,15 +1,18 @@
-"""The embedded demo at reduced size: a real improvement, its outputs, and the plain CLI on them."""
+"""The embedded demo at reduced size: a real improvement, its outputs, its task, and the plain CLI on them."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 
 import pytest
+import torch
+from datasets import Dataset
 
 from nca_kernels.train import main
-from nca_kernels.trainer import NCAConfig
-from nca_kernels.trainer.demo import DemoArguments, run_demo
+from nca_kernels.trainer import NCAConfig, demo
+from nca_kernels.trainer.demo import DemoArguments, make_prompts, mean_reward, reward, run_demo
 
 from .common import one_thread  # noqa: F401
 
@@ -62,3 +65,29 @@ def test_plain_cli_trains_on_the_demo_outputs(demo_runs, tmp_path):
           "--output_dir", str(tmp_path), "--max_steps", "2", "--use_cpu", "--report_to", "none",
           "--save_strategy", "no", "--disable_tqdm", "true"])
     assert os.path.isfile(tmp_path / "model.safetensors") and os.path.isfile(tmp_path / "tokenizer.json")
+
+
+def test_task_reward_and_prompts():
+    """The reward is the share of the eight response letters that are the prompt's first letter (other
+    prompt letters and letters past the eighth do not count); prompts are six letters and '='."""
+    assert reward("abcdef=", "aaaabbbb") == 0.5
+    assert reward("fabcde=", "abcdeabc") == 0.0
+    assert reward("abcdef=", "bbbbbbbbaaaa") == 0.0
+    assert mean_reward(["a=", "b="], [["aaaaaaaa", "bbbbbbbb"], ["bbbbbbbb", "bbbbbbbb"]]) == 0.75
+    prompts = make_prompts(20, random.Random(0))
+    assert all(len(p) == 7 and p[-1] == "=" and set(p[:-1]) <= set("abcdef") for p in prompts)
+
+
+def test_chosen_logp_is_the_top_reward_responses():
+    """The summary's chosen log-likelihood averages each prompt's top-reward response."""
+    logps = torch.tensor([[-1.0, -2.0], [-3.0, -5.0]])
+    assert demo._chosen_logp(logps, Dataset.from_dict({"rewards": [[0.0, 1.0], [1.0, 0.0]]})) == -2.5
+
+
+def test_demo_runs_on_one_thread_and_restores_the_count(tmp_path, monkeypatch):
+    """The demo runs on one CPU thread and gives the caller back its own thread count."""
+    seen = []
+    monkeypatch.setattr(demo, "_run_demo", lambda *args: seen.append(torch.get_num_threads()) or [])
+    torch.set_num_threads(2)
+    assert run_demo(NCAConfig(output_dir=str(tmp_path), report_to=[]), SMALL) == []
+    assert seen == [1] and torch.get_num_threads() == 2

@@ -7,9 +7,11 @@ import functools
 import pytest
 import torch
 from datasets import Dataset
+from transformers import TrainingArguments
 
 from nca_kernels import ops, reference
-from nca_kernels.trainer import NCAConfig, NCATrainer
+from nca_kernels.trainer import NCACollator, NCAConfig, NCATrainer, add_reference_logps
+from nca_kernels.trainer import reference as reference_pass
 
 from .common import (  # noqa: F401
     HEADS,
@@ -70,17 +72,20 @@ def test_loss_and_grads_match_full_logits(tmp_path, monkeypatch, build, loss_typ
         torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_reference_logps_come_from_the_initial_policy(tmp_path):
+@pytest.mark.parametrize("build", HEADS.values(), ids=HEADS.keys())
+def test_reference_logps_come_from_the_initial_policy(tmp_path, build):
+    """The reference pass reads every kind of head (bias, logit scaling, softcap) as the model's own
+    logits do, in row order over several batches; an explicit reference model replaces the policy."""
     tok = char_tokenizer()
-    model = tiny_llama(len(tok))
+    model = build(len(tok))
     trainer = make_trainer(tmp_path, model, reward_rows(5))
     collate = trainer.data_collator
     with torch.no_grad():
         want = naive_logps(model, collate([trainer.train_dataset[i] for i in range(5)])).view(5, 4)
     torch.testing.assert_close(torch.tensor(trainer.train_dataset["ref_logps"]), want, rtol=1e-5, atol=1e-5)
     # An explicit reference model is used instead of the policy.
-    other = tiny_llama(len(tok), seed=1)
-    trainer = make_trainer(tmp_path, tiny_llama(len(tok)), reward_rows(5), ref_model=other)
+    other = build(len(tok), seed=1)
+    trainer = make_trainer(tmp_path, build(len(tok)), reward_rows(5), ref_model=other)
     with torch.no_grad():
         want = naive_logps(other, collate([trainer.train_dataset[i] for i in range(5)])).view(5, 4)
     torch.testing.assert_close(torch.tensor(trainer.train_dataset["ref_logps"]), want, rtol=1e-5, atol=1e-5)
@@ -176,7 +181,8 @@ def test_named_sets_with_persistent_workers_and_weighted_metrics(tmp_path):
 
 def test_models_without_a_decoder_return_their_hidden_states(tmp_path, monkeypatch):
     """The loss reads the decoder's output through a hook; a model whose decoder cannot be found
-    returns its hidden states instead, with the same loss."""
+    returns its hidden states instead, with the same loss. The forward is asked for the logits of the
+    last position only."""
     tok = char_tokenizer()
     trainer = make_trainer(tmp_path, tiny_llama(len(tok)), reward_rows(4))
     _moved(trainer.model)
@@ -193,7 +199,7 @@ def test_models_without_a_decoder_return_their_hidden_states(tmp_path, monkeypat
     monkeypatch.setattr(type(trainer.model), "forward", spy)
     monkeypatch.setattr(type(trainer.model), "get_decoder", lambda self: self)
     plain = trainer.compute_loss(trainer.model, batch)
-    assert asked[-1].get("output_hidden_states") is True
+    assert asked[-1].get("output_hidden_states") is True and asked[-1].get("logits_to_keep") == 1
     torch.testing.assert_close(plain, hooked, rtol=1e-6, atol=1e-7)
 
 
@@ -223,9 +229,11 @@ def test_mixed_precision_runs_the_head_in_its_dtype(tmp_path, monkeypatch):
     torch.testing.assert_close(loss, want.float(), rtol=2e-2, atol=2e-3)
 
 
-def test_pairwise_losses_need_two_responses(tmp_path):
-    with pytest.raises(ValueError, match="loss_type='dpo' needs K=2 responses per prompt, the train dataset has K=4"):
-        make_trainer(tmp_path, tiny_llama(len(char_tokenizer())), reward_rows(2), loss_type="dpo")
+@pytest.mark.parametrize("loss_type", ["dpo", "nca_pair"])
+def test_pairwise_losses_need_two_responses(tmp_path, loss_type):
+    with pytest.raises(ValueError, match=f"loss_type='{loss_type}' needs K=2 responses per prompt, the train "
+                                         "dataset has K=4"):
+        make_trainer(tmp_path, tiny_llama(len(char_tokenizer())), reward_rows(2), loss_type=loss_type)
 
 
 def test_unusable_settings_refused_before_the_reference_pass(tmp_path):
@@ -415,3 +423,64 @@ def test_predict_pairwise_uses_alpha_zero(tmp_path):
     prepared = trainer._prepare(pairs, "x")
     expected = _naive_loss(trainer, trainer._prepared[id(prepared)][1], 0.0)
     assert out.metrics["test_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_constructor_checks_its_arguments(tmp_path):
+    """args must be an NCAConfig; a tokenizer is required, with a pad or EOS id to pad with; a
+    data_collator given is the one used (from the reference pass on)."""
+    tok = char_tokenizer()
+    data = Dataset.from_list(reward_rows(2))
+    with pytest.raises(TypeError, match="args must be an NCAConfig, got TrainingArguments"):
+        NCATrainer(tiny_llama(len(tok)), TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+                   train_dataset=data, processing_class=tok)
+    config = NCAConfig(**_settings(tmp_path))
+    with pytest.raises(ValueError, match=r"processing_class \(the tokenizer\) is required"):
+        NCATrainer(tiny_llama(len(tok)), config, train_dataset=data)
+    calls = []
+
+    def collate(features):
+        calls.append(len(features))
+        return NCACollator(tok.pad_token_id)(features)
+
+    trainer = NCATrainer(tiny_llama(len(tok)), config, train_dataset=data, processing_class=tok, data_collator=collate)
+    assert trainer.data_collator is collate and calls == [2]
+    tok.pad_token, tok.eos_token = None, None
+    with pytest.raises(ValueError, match="neither a pad_token_id nor an eos_token_id"):
+        NCATrainer(tiny_llama(len(tok)), config, train_dataset=data, processing_class=tok)
+
+
+def test_raw_evaluation_sets_after_training(tmp_path):
+    """After training, a raw evaluation set keeps the reference log-probs it got before (the same
+    dataset object is not prepared again), and with an explicit ref_model a new raw set is scored by
+    that model, which training did not move."""
+    tok = char_tokenizer()
+    raw = Dataset.from_list(reward_rows(3, seed=1))
+    one_step = {"max_steps": 1, "lr_scheduler_type": "constant", "warmup_steps": 0}
+    trainer = make_trainer(tmp_path, tiny_llama(len(tok)), reward_rows(4), **one_step)
+    before = trainer.evaluate(raw)
+    trainer.train()
+    after = trainer.evaluate(raw)
+    assert before["eval_rewards/margin"] == 0.0 and after["eval_rewards/margin"] != 0.0
+    trainer = make_trainer(tmp_path, tiny_llama(len(tok)), reward_rows(4), ref_model=tiny_llama(len(tok)), **one_step)
+    trainer.train()
+    assert after["eval_loss"] == pytest.approx(trainer.evaluate(raw)["eval_loss"], rel=1e-5)
+
+
+def test_backend_setting_reaches_the_reference_pass(tmp_path, monkeypatch):
+    """The configured backend computes the reference log-probs too, not only the training loss."""
+    seen = []
+    logprobs = reference_pass.sequence_logprobs
+    monkeypatch.setattr(reference_pass, "sequence_logprobs",
+                        lambda *args, **kwargs: seen.append(kwargs["backend"]) or logprobs(*args, **kwargs))
+    make_trainer(tmp_path, tiny_llama(len(char_tokenizer())), reward_rows(5), backend="torch")
+    assert seen == ["torch", "torch"]  # 5 prompts in evaluation batches of 3
+
+
+def test_add_reference_logps_replaces_a_column_in_the_data(tmp_path):
+    """Given a dataset that already has ref_logps, add_reference_logps replaces them with the model's."""
+    trainer = make_trainer(tmp_path, tiny_llama(len(char_tokenizer())), reward_rows(3))
+    data = trainer.train_dataset
+    stale = data.remove_columns("ref_logps").add_column("ref_logps", [[0.0] * 4] * 3)
+    fresh = add_reference_logps(stale, trainer.model, trainer.data_collator, batch_size=2)
+    assert fresh.column_names.count("ref_logps") == 1
+    torch.testing.assert_close(torch.tensor(fresh["ref_logps"]), torch.tensor(data["ref_logps"]), rtol=1e-6, atol=1e-6)

@@ -7,16 +7,31 @@ import pytest
 import torch
 
 from nca_kernels import reference
-from nca_kernels.trainer.modeling import head_operands
+from nca_kernels.trainer import modeling
+from nca_kernels.trainer.modeling import attn_implementation, head_operands
 
 from .common import HEADS, char_tokenizer, reward_rows, tiny_granite, tiny_llama, tiny_phi
-from .test_trainer_loss import make_trainer
+from .test_trainer_loss import batch_of, make_trainer
 
 
 def logits_of(model, hidden):
     """What the fused loss takes for the model's logits of ``hidden`` ``(N, H)``."""
     hidden, weight, bias, softcap = head_operands(model, hidden)
     return reference.cap(hidden @ weight.T + (0 if bias is None else bias), softcap)
+
+
+def scale_head(model, factor: float):
+    """``model`` with its LM head replaced by one that multiplies its output by ``factor`` (same parameters)."""
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return factor * super().forward(x)
+
+    old = model.lm_head
+    head = Scaled(old.in_features, old.out_features, bias=old.bias is not None)
+    head.weight, head.bias = old.weight, old.bias
+    model.lm_head = head
+    return model
 
 
 @pytest.mark.parametrize("head", HEADS)
@@ -38,17 +53,18 @@ def test_logits_transformed_after_the_head_are_refused(tmp_path, factor):
     """A head whose output is not ``x @ W.T + b`` (here: scaled, by as little as 1% in float32),
     which no config names: the check of the model's own last-position logits on the first batch
     refuses it."""
-
-    class Scaled(torch.nn.Linear):
-        def forward(self, x):
-            return factor * super().forward(x)
-
-    model = tiny_phi(len(char_tokenizer()))
-    head = Scaled(32, model.lm_head.out_features)
-    head.load_state_dict(model.lm_head.state_dict())
-    model.lm_head = head
+    model = scale_head(tiny_phi(len(char_tokenizer())), factor)
     with pytest.raises(ValueError, match="logits are not its last hidden state times the LM-head weight"):
         make_trainer(tmp_path, model, reward_rows(2))
+
+
+def test_head_is_checked_in_training_without_a_reference_pass(tmp_path):
+    """Reference log-probs in the data skip the reference pass and its check of the head: the first
+    training loss checks the model's logits instead, and refuses a head transformed after it."""
+    rows = [{**r, "ref_logps": [-1.0, -2.0]} for r in reward_rows(2, k=2)]
+    trainer = make_trainer(tmp_path, scale_head(tiny_phi(len(char_tokenizer())), 1.5), rows)
+    with pytest.raises(ValueError, match="logits are not its last hidden state times the LM-head weight"):
+        trainer.compute_loss(trainer.model, batch_of(trainer, 2))
 
 
 def test_heads_that_are_not_the_last_hidden_state_times_the_weight_are_refused(tmp_path):
@@ -87,6 +103,37 @@ def test_zero3_placeholder_is_refused():
     model.lm_head.weight = placeholder
     with pytest.raises(ValueError, match="sharded"):
         head_operands(model, torch.randn(2, 32))
+
+
+def test_flattened_head_weight_is_refused():
+    """FSDP1 leaves a 1-D flattened view of a sharded weight: refused as sharded, never read as the head."""
+    model = tiny_phi(40)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().flatten())
+    with pytest.raises(ValueError, match="sharded"):
+        head_operands(model, torch.randn(2, 32))
+
+
+def test_a_forward_without_logits_to_keep_is_refused(tmp_path, monkeypatch):
+    """A model whose forward cannot limit its logits to the last position would build the full logits: refused."""
+    model = tiny_llama(len(char_tokenizer()))
+    forward = type(model).forward
+
+    def full_logits(self, input_ids=None, attention_mask=None, use_cache=None, output_hidden_states=None):
+        return forward(self, input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
+                       output_hidden_states=output_hidden_states)
+
+    monkeypatch.setattr(type(model), "forward", full_logits)
+    with pytest.raises(ValueError, match="LlamaForCausalLM.forward has no logits_to_keep"):
+        make_trainer(tmp_path, model, reward_rows(2))
+
+
+@pytest.mark.parametrize("gpu, flash, want", [(True, True, "flash_attention_2"), (True, False, "sdpa"),
+                                               (False, True, "sdpa"), (False, False, "sdpa")])
+def test_flash_attention_needs_both_the_package_and_a_gpu(monkeypatch, gpu, flash, want):
+    """flash_attention_2 only with flash-attn installed and a GPU present; sdpa otherwise."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(modeling.importlib.util, "find_spec", lambda name: object() if flash else None)
+    assert attn_implementation() == want
 
 
 def test_dtensor_shard_is_refused(tmp_path):
@@ -150,12 +197,6 @@ def test_bias_and_logit_scaling_together():
 
 
 def test_slightly_scaled_head_is_refused(tmp_path):
-    class Scaled(torch.nn.Linear):
-        def forward(self, x):
-            return 1.2 * super().forward(x)
-    model = tiny_llama(len(char_tokenizer()))
-    head = Scaled(32, model.lm_head.out_features, bias=False)
-    head.weight = model.lm_head.weight
-    model.lm_head = head
+    model = scale_head(tiny_llama(len(char_tokenizer())), 1.2)
     with pytest.raises(ValueError, match="logits are not its last hidden state"):
         make_trainer(tmp_path, model, reward_rows(2))

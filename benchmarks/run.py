@@ -510,7 +510,7 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--quick", action="store_true", help="a short sweep (CPU: under 5 minutes)")
@@ -544,6 +544,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--md", default=None, help="also write the tables as Markdown to this file")
+    return ap
+
+
+def main(argv=None) -> dict:
+    ap = parser()
     args = ap.parse_args(argv)
     if args.warmup is None:
         args.warmup = 0 if (args.quick or args.smoke) else 1

@@ -80,7 +80,7 @@ def profile(backend: str, problem, device, rows: int = 40) -> str:
     return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--case", default=None, help="B,K,T,H,V (default: the headline case)")
@@ -94,7 +94,11 @@ def main(argv=None):
                          "saved next to --md as *.profile.txt)")
     ap.add_argument("--out")
     ap.add_argument("--md")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     device = torch.device(args.device)
     case = run.HEADLINE
     if args.case:

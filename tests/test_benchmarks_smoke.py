@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -577,3 +579,40 @@ def test_problem_labels_and_the_matmul_floor_cover_the_response_tokens():
     floor = peers.three_matmuls(p, torch.device("cpu"), peers.Options())
     loss, dh, dw = floor.step()
     assert loss is None and not floor.has_grads and dh.shape == (case.tokens, case.H) and dw.shape == (case.V, case.H)
+
+
+def _gpu_run_commands(script: str):
+    """The ``(program, argv)`` of every benchmark command in benchmarks/gpu_run.sh: continuation lines
+    joined, ``&&`` chains split, argv cut at the first shell operator, shell variables left as they are."""
+    text = re.sub(r"\\\n\s*", " ", script).replace('"${bench[@]}"', "python3 benchmarks/run.py --device cuda")
+    for line in text.splitlines():
+        for part in line.split("&&"):
+            words = shlex.split(part, comments=True)
+            if words[:1] == ["python3"] and words[1:2] in (["benchmarks/run.py"], ["benchmarks/tile_sweep.py"]):
+                ends = [i for i, w in enumerate(words) if w in (";;", ";", "|", "||") or w.startswith((">", "2>"))]
+                yield words[1], words[2:min(ends, default=len(words))]
+
+
+def test_gpu_run_script_passes_options_the_scripts_take():
+    """benchmarks/gpu_run.sh, the next GPU run, is valid bash, has a branch for each of its default steps,
+    and every benchmark command in it parses with that script's own options (an unknown flag exits);
+    each ``--only``/``--skip`` name selects an implementation the GPU harness has. A mistake here would
+    otherwise show only on a GPU machine."""
+    import torch
+
+    from benchmarks import peers, run, tile_sweep
+
+    path = os.path.join(ROOT, "benchmarks", "gpu_run.sh")
+    subprocess.run(["bash", "-n", path], check=True)
+    with open(path) as f:
+        script = f.read()
+    steps = re.search(r"steps=\((tests[^)]*)\)", script).group(1).split()
+    assert steps and all(re.search(rf"^ *(\w+ \| )*{s}( \| \w+)*\)", script, re.M) for s in steps), steps
+    names = [*peers.implementations(torch.device("cuda")), "three_matmuls"]
+    parsers = {"benchmarks/run.py": run.parser(), "benchmarks/tile_sweep.py": tile_sweep.parser()}
+    commands = list(_gpu_run_commands(script))
+    assert sorted({p for p, _ in commands}) == sorted(parsers) and len(commands) >= 5
+    for program, argv in commands:
+        args = parsers[program].parse_args(argv)
+        for name in (getattr(args, "only", None) or []) + (getattr(args, "skip", None) or []):
+            assert any(name in impl for impl in names), (program, name)

@@ -616,3 +616,186 @@ def test_gpu_run_script_passes_options_the_scripts_take():
         args = parsers[program].parse_args(argv)
         for name in (getattr(args, "only", None) or []) + (getattr(args, "skip", None) or []):
             assert any(name in impl for impl in names), (program, name)
+
+
+# --- the peer adapters' wiring, on plain-PyTorch stand-ins for the peers (not installed here) -----
+
+#: Error bound for the adapters that feed per-token log-probs to our loss: their per-sequence sums are
+#: taken in float32 (the peers' own precision), so float64 inputs give float32 rounding, not float64's.
+F32_SUM_ERR = 1e-6
+
+
+def _target_logps(hidden, weight, targets):
+    """log_softmax(hidden @ weight^T) at each target (index 0 where ignored), in the inputs' dtype."""
+    import torch
+    return torch.log_softmax(hidden @ weight.t(), -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+
+
+def _install_peers(monkeypatch, wrong=False):
+    """Installs stand-ins for Liger's nca_pair DPO loss, TRL's ChunkedLogProbFunction and CCE's
+    linear_cross_entropy as their modules, each computing what the library documents (in the inputs'
+    dtype: the libraries accumulate in float32, float64 here leaves only wiring errors above rounding);
+    ``wrong`` makes each deliberately wrong (chosen and rejected swapped, targets one row off, the
+    loss's sign flipped). Returns the list their calls' arguments are logged to."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+    calls = []
+
+    class LigerFusedLinearDPOLoss(torch.nn.Module):
+        """Liger's nca_pair without a reference model: per-sequence sums of token log-probs (targets
+        at their own position, no shift), chosen = first half of the batch, rewards = beta * logp,
+        loss = mean over pairs of -logsigmoid(r_c) - 0.5 logsigmoid(-r_c) - 0.5 logsigmoid(-r_r)."""
+
+        def __init__(self, ignore_index=-100, beta=0.1, compute_nll_loss=False, compiled=True,
+                     use_ref_model=False, loss_type="sigmoid", average_log_prob=False):
+            super().__init__()
+            # average_log_prob=False (sums) is assumed to be the default of the installed version
+            self.kw = dict(ignore_index=ignore_index, beta=beta, compute_nll_loss=compute_nll_loss,
+                           compiled=compiled, use_ref_model=use_ref_model, loss_type=loss_type,
+                           average_log_prob=average_log_prob)
+            calls.append(("liger", self.kw))
+
+        def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None):
+            kw = self.kw
+            if kw["loss_type"] != "nca_pair" or kw["use_ref_model"] or kw["compute_nll_loss"] or bias is not None:
+                raise NotImplementedError(f"stand-in has no {kw}")
+            mask = target != kw["ignore_index"]
+            logps = torch.where(mask, _target_logps(_input, lin_weight, target), 0.0).sum(-1)
+            if kw["average_log_prob"]:
+                logps = logps / mask.sum(-1)
+            n = target.shape[0] // 2
+            chosen, rejected = (logps[n:], logps[:n]) if wrong else (logps[:n], logps[n:])
+            rc, rr = kw["beta"] * chosen, kw["beta"] * rejected
+            losses = -F.logsigmoid(rc) - 0.5 * F.logsigmoid(-rc) - 0.5 * F.logsigmoid(-rr)
+            return losses.sum() / n, (chosen, rejected, rc, rr)
+
+    class ChunkedLogProbFunction:
+        """TRL's per-row log-probs of ``targets`` under ``hidden @ weight^T (+ bias)``, scaled, soft-capped
+        and divided by the temperature; returns (logprobs, entropy). What the ninth argument the
+        adapter passes means is not known here: it is taken and ignored."""
+
+        @staticmethod
+        def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+                  logit_scale=1.0, *rest):
+            calls.append(("trl", dict(rows=hidden.shape, bias=bias, temperature=temperature, chunk_size=chunk_size,
+                                      softcap=final_logit_softcapping, logit_scale=logit_scale)))
+            logits = (hidden @ weight.t() + (0 if bias is None else bias)) * logit_scale
+            if final_logit_softcapping is not None:
+                logits = final_logit_softcapping * torch.tanh(logits / final_logit_softcapping)
+            log_p = torch.log_softmax(logits / temperature, -1)
+            rows = targets.roll(1) if wrong else targets
+            return log_p.gather(-1, rows[:, None]).squeeze(-1), -(log_p.exp() * log_p).sum(-1)
+
+    def linear_cross_entropy(e, c, targets, bias=None, ignore_index=-100, softcap=None, reduction="mean", shift=0,
+                             filter_eps="auto", impl="cce", **opts):
+        """CCE: F.cross_entropy((e @ c^T).float(), targets) per position, no shift by default; with
+        reduction "none" an ignored position is assumed to give 0, as F.cross_entropy's does."""
+        calls.append(("cce", dict(ignore_index=ignore_index, reduction=reduction, shift=shift, filter_eps=filter_eps,
+                                  impl=impl)))
+        if impl not in ("cce", "cce_exact", "torch_compile") or shift or softcap is not None or bias is not None:
+            raise NotImplementedError(f"stand-in has no impl={impl!r} shift={shift} softcap/bias")
+        mask = targets != ignore_index
+        loss = torch.where(mask, _target_logps(e, c, targets) * (1 if wrong else -1), 0.0)
+        return {"none": loss, "sum": loss.sum(), "mean": loss.sum() / mask.sum()}[reduction]
+
+    modules = {"liger_kernel.chunked_loss": {"LigerFusedLinearDPOLoss": LigerFusedLinearDPOLoss},
+               "trl.kernels": {"ChunkedLogProbFunction": ChunkedLogProbFunction}, "trl.trainer.utils": {},
+               "cut_cross_entropy": {"linear_cross_entropy": linear_cross_entropy}}
+    for name, attrs in modules.items():
+        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(__name__=name, **attrs))
+    return calls
+
+
+def _peer_grad_error(adapter, B, K, rewards=None, device="cpu", compile_peers=False):
+    """An adapter's Prepared step on a float64 problem (some response tokens ignored too, so the
+    response mask is ragged), through the harness's error check against the float64 reference."""
+    import torch
+
+    from benchmarks import peers, run
+    cpu = torch.device("cpu")
+    case = peers.Case("t", B=B, K=K, T=8, H=8, V=32, dtype="fp64")
+    problem = peers.make_problem(case, cpu)
+    problem.labels[::2, -2] = peers.IGNORE
+    if rewards is not None:
+        problem.rewards = torch.tensor(rewards)
+    opts = peers.Options(compile_peers=compile_peers)
+    prepared = adapter(problem, torch.device(device), opts)
+    assert not isinstance(prepared, str), prepared
+    err = run.check_error(adapter, prepared, problem, case, cpu, opts, run.References(cpu), err_flops=1e12)
+    return err, prepared, problem
+
+
+@pytest.mark.parametrize("rewards", [[[0.2, 0.7], [0.5, -1.0]], [[0.3, 0.9, 0.5, -0.2]]], ids=["K=2", "K=4"])
+def test_liger_adapter_pairs_and_restores_the_layout(monkeypatch, rewards):
+    """The Liger adapter puts chosen sequences first (chosen second or first within each pair), maps
+    the gradient back, and is checked against the problem it solves: pairs, ref_logps = 0, alpha 0,
+    "nca_pair", with the beta it gave Liger (one that keeps beta * logp O(1))."""
+    import math
+
+    import torch
+    sys.path.insert(0, ROOT)
+    from benchmarks import peers
+    calls = _install_peers(monkeypatch)
+    B, K = len(rewards), len(rewards[0])
+    err, prepared, problem = _peer_grad_error(peers.liger, B, K, rewards)
+    assert err["grad_err"] < 1e-10 and err["loss_err"] < 1e-12, err
+    solves, S = prepared.solves, B * K
+    assert (solves.loss_type, solves.alpha) == ("nca_pair", 0.0)
+    assert solves.hidden is problem.hidden and solves.labels is problem.labels  # its reference: the given tokens
+    assert torch.equal(solves.rewards, problem.rewards.reshape(S // 2, 2)) and not solves.ref_logps.any()
+    tokens = float((problem.labels != peers.IGNORE).sum()) / S
+    assert solves.beta == pytest.approx(1 / (tokens * math.log(32)), rel=1e-12)
+    assert [kw for name, kw in calls] == [dict(ignore_index=peers.IGNORE, beta=solves.beta, compute_nll_loss=False,
+                                               compiled=False, use_ref_model=False, loss_type="nca_pair",
+                                               average_log_prob=False)]
+    assert ("regrouped" in prepared.note) == (K != 2)
+    odd = peers.make_problem(peers.Case("t", B=1, K=3, T=8, H=8, V=32), torch.device("cpu"))
+    assert "even number" in peers.liger(odd, torch.device("cpu"), peers.Options())
+
+
+def test_trl_adapter_gathers_response_rows_and_scatters_them_back(monkeypatch):
+    """TRL's function gets the response rows only (hidden and labels gathered by one mask), at
+    temperature 1 with no bias, scale or soft cap, and its log-probs land back at their (S, T) places."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import peers
+    calls = _install_peers(monkeypatch)
+    err, prepared, problem = _peer_grad_error(peers.trl, 2, 2)
+    assert err["grad_err"] < F32_SUM_ERR and err["loss_err"] < F32_SUM_ERR, err
+    n = int((problem.labels != peers.IGNORE).sum())
+    assert calls == [("trl", dict(rows=(n, 8), bias=None, temperature=1.0, chunk_size=32768, softcap=None,
+                                  logit_scale=1.0))]
+
+
+def test_cce_adapter_negates_per_token_losses_and_passes_impl(monkeypatch):
+    """CCE's per-token losses (reduction "none") are negated into log-probs; ``impl`` and ``filter_eps``
+    reach CCE, its Triton kernel is refused off CUDA, and only the compiled path with compilation on
+    is marked compiled."""
+    import torch
+    sys.path.insert(0, ROOT)
+    from benchmarks import peers
+    calls = _install_peers(monkeypatch)
+    for impl, eps, device, compile_peers in (("torch_compile", "high", "cpu", False), ("cce", None, "cuda", False),
+                                             ("torch_compile", "high", "cpu", True)):
+        calls.clear()
+        err, prepared, _ = _peer_grad_error(peers.cce(impl, eps), 1, 2, device=device, compile_peers=compile_peers)
+        assert err["grad_err"] < F32_SUM_ERR and err["loss_err"] < F32_SUM_ERR, err
+        assert calls == [("cce", dict(ignore_index=peers.IGNORE, reduction="none", shift=0, filter_eps=eps,
+                                      impl=impl))]
+        assert prepared.compiled == (impl == "torch_compile" and compile_peers)
+        assert ("filter_eps" in prepared.note) == (impl == "cce")
+    p = peers.make_problem(peers.Case("t", B=1, K=2, T=8, H=8, V=32), torch.device("cpu"))
+    assert "CUDA" in peers.cce("cce")(p, torch.device("cpu"), peers.Options())
+
+
+@pytest.mark.parametrize("adapter", ["liger", "trl", "cce"])
+def test_peer_error_check_fails_on_a_wrong_stand_in(monkeypatch, adapter):
+    """The same check on stand-ins that are deliberately wrong (Liger's chosen and rejected swapped,
+    TRL's targets one row off, CCE's loss not negated): a large gradient error, so the checks above can fail."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import peers
+    _install_peers(monkeypatch, wrong=True)
+    fn = {"liger": peers.liger, "trl": peers.trl, "cce": peers.cce("torch_compile")}[adapter]
+    err, _, _ = _peer_grad_error(fn, 2, 2, [[0.2, 0.7], [0.5, -1.0]])
+    assert err["grad_err"] > 1e-2, err

@@ -52,7 +52,6 @@ def test_reference_in_chunks_is_the_naive_reference():
     unchunked naive loss and gradients), so full-size cases need no reduced instance."""
     import torch
 
-    sys.path.insert(0, ROOT)
     from benchmarks import peers, run
     from nca_kernels import reference
 
@@ -74,7 +73,6 @@ def test_peaked_logits_have_a_head_and_a_tail():
     with most entries above it, on which filtering would look better than it is)."""
     import torch
 
-    sys.path.insert(0, ROOT)
     from benchmarks import peers
 
     eps, v = 2.0**-12, 2000
@@ -119,7 +117,6 @@ def test_filter_row_filters_forward_and_backward():
     import pytest
     import torch
 
-    sys.path.insert(0, ROOT)
     from benchmarks import peers
     from nca_kernels.backends import unavailable_reason
 
@@ -142,7 +139,6 @@ def test_tile_sweep_forces_each_shape():
     import pytest
     import torch
 
-    sys.path.insert(0, ROOT)
     from benchmarks import tile_sweep
     from nca_kernels.backends import unavailable_reason
 
@@ -157,7 +153,6 @@ def test_tile_sweep_forces_each_shape():
 
 
 def test_reduced_instance_only_past_the_float64_budget():
-    sys.path.insert(0, ROOT)
     from benchmarks import peers
 
     case = peers.Case("c", B=4, K=2, T=512, H=64, V=1000)
@@ -190,7 +185,6 @@ def test_a_failing_step_is_recorded_not_fatal():
     robin with its error; the others keep their times and outputs."""
     import torch
 
-    sys.path.insert(0, ROOT)
     from benchmarks import run
 
     calls = []
@@ -211,7 +205,6 @@ def test_a_failing_step_is_recorded_not_fatal():
 def test_failure_status_and_reason():
     import torch
 
-    sys.path.insert(0, ROOT)
     from benchmarks import run
 
     assert run.failure(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried"))["status"] == "oom"
@@ -225,7 +218,6 @@ def test_run_case_drops_a_step_that_fails_while_timed(monkeypatch):
 
     import torch
 
-    sys.path.insert(0, ROOT)
     from benchmarks import peers, run
 
     def flaky(problem, device, opts):
@@ -251,7 +243,6 @@ def test_run_case_drops_a_step_that_fails_while_timed(monkeypatch):
 
 
 def test_quick_cpu_settings_are_recorded():
-    sys.path.insert(0, ROOT)
     from benchmarks import run
 
     result = run.main(["--device", "cpu", "--quick", "--cases", "no-such-case"])
@@ -268,7 +259,6 @@ def test_reduced_instances_share_their_reference(monkeypatch):
 
     import torch
 
-    sys.path.insert(0, ROOT)
     from benchmarks import peers, run
 
     calls = []
@@ -290,7 +280,7 @@ def test_reduced_instances_share_their_reference(monkeypatch):
 def test_grad_error_is_the_largest_absolute_error_relative_to_each_reference():
     """grad_err is max(dh_err, dw_err), each max |g - g64| / max |g64| (errors of either sign)."""
     import torch
-    sys.path.insert(0, ROOT)
+
     from benchmarks import run
     f64 = torch.float64
     rdh, rdw = torch.tensor([[1.0, -4.0]], dtype=f64), torch.tensor([[2.0, 0.5]], dtype=f64)
@@ -307,7 +297,7 @@ def test_time_interleaved_warms_up_and_syncs_around_each_step(monkeypatch):
     """``warmup`` untimed rounds run before the timed ones, each step timed between two device syncs;
     the output kept is the last round's."""
     import torch
-    sys.path.insert(0, ROOT)
+
     from benchmarks import run
     events, count = [], []
     monkeypatch.setattr(run, "sync", lambda device: events.append("sync"))
@@ -344,7 +334,6 @@ def _run_case(monkeypatch, impls, case, fake_times=None, reps=3):
 def test_run_case_reports_the_median_and_the_ratios(monkeypatch):
     """median_ms is the median of the timed rounds; time_vs_naive and time_vs_matmuls divide by the
     medians of naive and of the three matmuls, peak_vs_naive by naive's peak."""
-    sys.path.insert(0, ROOT)
     from benchmarks import peers
     fake = {"naive": [4.0, 1.0, 31.0], "ours[torch,recompute]": [2.0, 3.0, 1.0], "three_matmuls": [1.0, 0.5, 10.0]}
     impls = {"naive": peers.naive, "ours[torch,recompute]": peers.ours("torch", True)}
@@ -359,7 +348,6 @@ def test_run_case_reports_the_median_and_the_ratios(monkeypatch):
 
 
 def test_run_case_records_an_adapter_that_raises(monkeypatch):
-    sys.path.insert(0, ROOT)
     from benchmarks import peers
 
     def broken(problem, device, opts):
@@ -374,7 +362,7 @@ def test_run_case_records_an_adapter_that_raises(monkeypatch):
 def test_check_error_uses_the_problem_the_adapter_solves():
     """An adapter that solves a variant of the problem (Liger's layout) is checked against that."""
     import torch
-    sys.path.insert(0, ROOT)
+
     from benchmarks import peers, run
     cpu, opts = torch.device("cpu"), peers.Options(compile_peers=False)
     case = peers.Case("t", B=1, K=2, T=8, H=8, V=32)
@@ -387,7 +375,7 @@ def test_check_error_uses_the_problem_the_adapter_solves():
 
 def test_main_settings_cases_and_json_fields(monkeypatch):
     import torch
-    sys.path.insert(0, ROOT)
+
     from benchmarks import run
     seen = []
     monkeypatch.setattr(run, "run_case", lambda case, device, opts, args: seen.append((case.name, case.logits)) or [])
@@ -402,7 +390,7 @@ def test_main_settings_cases_and_json_fields(monkeypatch):
 
 def test_cases_past_the_time_budget_are_recorded_as_skipped(monkeypatch):
     import time
-    sys.path.insert(0, ROOT)
+
     from benchmarks import run
     ran = []
 
@@ -421,7 +409,7 @@ def test_cases_past_the_time_budget_are_recorded_as_skipped(monkeypatch):
 def test_fits_search_doubles_up_to_the_largest_that_runs(monkeypatch):
     """The GPU fit search on stand-ins that run out of memory past a token count."""
     import torch
-    sys.path.insert(0, ROOT)
+
     from benchmarks import peers, run
     monkeypatch.setattr(run, "pair_case", lambda name, n, T, H, V, dtype: peers.Case(name, B=n, K=2, T=2, H=2, V=4))
 
@@ -453,7 +441,6 @@ def test_fits_search_doubles_up_to_the_largest_that_runs(monkeypatch):
 
 
 def test_foundation_targets_pass_only_when_both_are_met():
-    sys.path.insert(0, ROOT)
     from benchmarks import run
 
     def row(name, impl, peak, time):
@@ -467,7 +454,6 @@ def test_foundation_targets_pass_only_when_both_are_met():
 
 
 def test_select_only_and_skip():
-    sys.path.insert(0, ROOT)
     from benchmarks import run
     impls = {"naive": 0, "ours[torch,recompute]": 1, "ours[torch,group]": 2, "ours[triton,recompute]": 3}
     assert list(run.select(impls, None, ["group"])) == ["naive", "ours[torch,recompute]", "ours[triton,recompute]"]
@@ -478,7 +464,6 @@ def test_select_only_and_skip():
 def test_tile_sweep_rows_chunks_extra_memory_and_ratio(monkeypatch):
     """On the torch backend: a tile as tall as the token count is kept, chunks round up, extra memory
     leaves out the gradients, time_vs_matmuls is the row's time over the three matmuls'."""
-    sys.path.insert(0, ROOT)
     from benchmarks import run, tile_sweep
     grads = (2 * 64 * 32 + 300 * 32) * 2  # dH and dW, bf16 (the headline dtype)
     monkeypatch.setattr(run, "measure_peak", lambda prepared, device: grads + (1 << 20))
@@ -495,7 +480,7 @@ def test_tile_sweep_rows_chunks_extra_memory_and_ratio(monkeypatch):
 def test_cuda_peak_is_measured_above_the_bytes_already_allocated(monkeypatch):
     """The CUDA branch of the meter, on a fake allocator: an earlier peak is reset, the inputs left out."""
     import torch
-    sys.path.insert(0, ROOT)
+
     from benchmarks import memory
     state = {"allocated": 1000, "peak": 5000}  # an earlier call peaked at 5000 bytes
 
@@ -515,7 +500,7 @@ def test_cuda_peak_is_measured_above_the_bytes_already_allocated(monkeypatch):
 def test_storage_peak_counts_a_storage_once():
     """Two outputs viewing one new storage count its bytes once."""
     import torch
-    sys.path.insert(0, ROOT)
+
     from benchmarks.memory import StoragePeak
 
     def two_views(x):
@@ -530,7 +515,6 @@ def test_storage_peak_counts_a_storage_once():
 
 
 def test_accumulation_errors_and_chunk_counts(tmp_path):
-    sys.path.insert(0, ROOT)
     import torch
 
     from benchmarks import accumulation
@@ -551,7 +535,7 @@ def test_accumulation_errors_and_chunk_counts(tmp_path):
 def test_peer_token_logps_feed_our_loss_like_the_naive_loss():
     """The per-token log-probs of TRL and CCE summed per sequence and fed to our loss with ref_logps."""
     import torch
-    sys.path.insert(0, ROOT)
+
     from benchmarks import peers
     from nca_kernels import reference
     p = peers.make_problem(peers.Case("t", B=2, K=2, T=8, H=8, V=32), torch.device("cpu"))
@@ -570,7 +554,7 @@ def test_peer_token_logps_feed_our_loss_like_the_naive_loss():
 
 def test_problem_labels_and_the_matmul_floor_cover_the_response_tokens():
     import torch
-    sys.path.insert(0, ROOT)
+
     from benchmarks import peers
     case = peers.Case("t", B=1, K=2, T=10, H=8, V=32)
     p = peers.make_problem(case, torch.device("cpu"))
@@ -735,7 +719,7 @@ def test_liger_adapter_pairs_and_restores_the_layout(monkeypatch, rewards):
     import math
 
     import torch
-    sys.path.insert(0, ROOT)
+
     from benchmarks import peers
     calls = _install_peers(monkeypatch)
     B, K = len(rewards), len(rewards[0])
@@ -758,7 +742,6 @@ def test_liger_adapter_pairs_and_restores_the_layout(monkeypatch, rewards):
 def test_trl_adapter_gathers_response_rows_and_scatters_them_back(monkeypatch):
     """TRL's function gets the response rows only (hidden and labels gathered by one mask), at
     temperature 1 with no bias, scale or soft cap, and its log-probs land back at their (S, T) places."""
-    sys.path.insert(0, ROOT)
     from benchmarks import peers
     calls = _install_peers(monkeypatch)
     err, prepared, problem = _peer_grad_error(peers.trl, 2, 2)
@@ -773,7 +756,7 @@ def test_cce_adapter_negates_per_token_losses_and_passes_impl(monkeypatch):
     reach CCE, its Triton kernel is refused off CUDA, and only the compiled path with compilation on
     is marked compiled."""
     import torch
-    sys.path.insert(0, ROOT)
+
     from benchmarks import peers
     calls = _install_peers(monkeypatch)
     for impl, eps, device, compile_peers in (("torch_compile", "high", "cpu", False), ("cce", None, "cuda", False),
@@ -793,7 +776,6 @@ def test_cce_adapter_negates_per_token_losses_and_passes_impl(monkeypatch):
 def test_peer_error_check_fails_on_a_wrong_stand_in(monkeypatch, adapter):
     """The same check on stand-ins that are deliberately wrong (Liger's chosen and rejected swapped,
     TRL's targets one row off, CCE's loss not negated): a large gradient error, so the checks above can fail."""
-    sys.path.insert(0, ROOT)
     from benchmarks import peers
     _install_peers(monkeypatch, wrong=True)
     fn = {"liger": peers.liger, "trl": peers.trl, "cce": peers.cce("torch_compile")}[adapter]

@@ -97,11 +97,19 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-LAUNCHERS = {  # each on a free port, not the fixed default that a concurrent run may hold
-    "torchrun": lambda: ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-    "accelerate": lambda: ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port()],
-}
+def torchrun() -> list[str]:
+    return ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def accelerate() -> list[str]:  # on a free port, not the fixed default that a concurrent run may hold
+    return ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port()]
+
+
+#: The Trainer's own FSDP2 settings, as on a GPU; on CPU accelerate ignores them and runs DDP.
+FSDP2 = ["--fsdp", "full_shard", "--fsdp_config",
+         json.dumps({"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})]
+LAUNCHERS = {"torchrun": (torchrun, []), "accelerate": (accelerate, []), "torchrun --fsdp": (torchrun, FSDP2)}
 
 
 def logged(out: str) -> list[dict]:
@@ -115,18 +123,21 @@ def logged(out: str) -> list[dict]:
 def test_two_processes_match_one(model_and_data, tmp_path, launcher):
     """2 gloo processes x 2 prompts end on the same weights, and log the same metrics, as 1 process x
     4 prompts: the training metrics gathered per step, the evaluation's over 7 prompts in uneven
-    batches (the padding rows of the last one dropped)."""
+    batches (the padding rows of the last one dropped). ``--fsdp`` on CPU, which accelerate does not
+    shard, says so and trains the same."""
     model, data = model_and_data
     evaluation = ["--eval_dataset", data.replace("data.parquet", "eval.parquet"), "--eval_strategy", "steps",
                   "--eval_steps", "3", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "3"]
     main([*cli_args(model, data, str(tmp_path / "one"), 4), *evaluation, "--per_device_eval_batch_size", "4"])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    launch, extra = LAUNCHERS[launcher]
     proc = subprocess.run(
-        [sys.executable, "-m", *LAUNCHERS[launcher](), "-m", "nca_kernels.train",
-         *cli_args(model, data, str(tmp_path / "two"), 2), *evaluation, "--per_device_eval_batch_size", "2"],
+        [sys.executable, "-m", *launch(), "-m", "nca_kernels.train", *cli_args(model, data, str(tmp_path / "two"), 2),
+         *evaluation, "--per_device_eval_batch_size", "2", *extra],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ("accelerate does not shard on cpu" in proc.stderr) == bool(extra)
     one, two, start = (load_file(os.path.join(d, "model.safetensors"))
                        for d in (tmp_path / "one", tmp_path / "two", model))
     assert os.path.isfile(tmp_path / "two" / "tokenizer.json")

@@ -53,7 +53,8 @@ class NCATrainer(Trainer):
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         if args.fsdp and not self.is_fsdp_enabled:  # accelerate shards on accelerators only: CPU processes get DDP
             warnings.warn(f"fsdp is set but accelerate does not shard on {self.args.device.type}: every process "
-                          "holds the whole model (DDP), with the same loss and update as unsharded training", stacklevel=2)
+                          "holds the whole model (DDP), with the same loss and update as unsharded training",
+                          stacklevel=2)
         # compute_loss returns a per-batch mean: Trainer divides it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
         self._metrics = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}  # sum, count

@@ -29,16 +29,18 @@ _INDEX = ("index_ptr", "target_ptr", "pos_ptr")
 _STATS = ("lse_ptr", "grad_ptr", "part_ptr", "tgt_ptr", "db_ptr")
 #: Integers the JIT sees divisible by 16 at typical LM-head sizes (H, V, row strides; the matmul
 #: schedule's logit tiles are whole 128-column blocks): compiled with that hint, as the JIT
-#: specialises them, so that loads vectorise as they will on the GPU.
+#: specialises them, so that loads vectorise as they will on the GPU. A ``"+odd"`` dtype compiles
+#: without it: the from-logits kernels on rows of any length and alignment (an odd vocabulary).
 _ALIGNED = ("H", "V", "stride_h", "stride_w", "stride_dh", "stride", "out_stride")
 
 
 def _arg_type(name: str, dtype: str) -> str:
     """Triton signature type of a kernel argument, by the package's naming convention. ``dtype`` is
-    the inputs' (``"bf16"``), or theirs and a float32 dW buffer's (``"bf16+fp32dw"``)."""
-    inputs, _, dw = dtype.partition("+")
+    the inputs' (``"bf16"``), or theirs and a float32 dW buffer's (``"bf16+fp32dw"``), or theirs
+    in unaligned rows (``"bf16+odd"``)."""
+    inputs, _, extra = dtype.partition("+")
     if name == "dw_ptr":
-        return "*" + (dw.removesuffix("dw") or inputs)
+        return "*" + (extra.removesuffix("dw") if extra.endswith("dw") else inputs)
     if name in _INPUT:
         return "*" + inputs
     if name == "dh_ptr":  # float32 scratch, or the float32 dhidden itself
@@ -73,7 +75,7 @@ def kernels():
         (linear_forward_kernel, _forward_flags),
         *backward,
         (logits_forward_kernel, lambda d: {}),
-        (_backward, lambda d: {}),
+        (_backward, lambda d: {"OUT_ALIGNED": True}),
     ]
 
 
@@ -82,8 +84,9 @@ def compile_one(kernel, config: triton.Config, dtype: str, flags: dict):
     fn = kernel.fn
     constexprs = {**flags, **config.kwargs}
     signature = {name: "constexpr" if name in constexprs else _arg_type(name, dtype) for name in fn.arg_names}
+    ints = () if dtype.endswith("+odd") else _ALIGNED
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-               if name not in constexprs and (signature[name].startswith("*") or name in _ALIGNED)}
+               if name not in constexprs and (signature[name].startswith("*") or name in ints)}
     src = ASTSource(fn, signature, constexprs, aligned)
     return triton.compile(src, target=TARGET, options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
@@ -91,13 +94,15 @@ def compile_one(kernel, config: triton.Config, dtype: str, flags: dict):
 def jobs():
     """Every (kernel, config, dtype, flags) the autotuner may run. The float32 configs of the linear
     kernels in fp32; every other config in bf16, and the first 16-bit one also in fp16, in fp32 (the
-    kernels without float32 configs) and, for the kernels that write dW, in bf16 with a float32 dW."""
+    kernels without float32 configs), for the kernels that write dW in bf16 with a float32 dW, and for
+    the from-logits kernels (those with a row ``stride``) in bf16 and fp32 on unaligned rows."""
     from .backends.triton.tuning import for_float32
 
     for kernel, flags in kernels():
         names = kernel.fn.arg_names
         own_float32 = any(map(for_float32, kernel.configs))
         every = ("bf16", "fp16") + ((), ("fp32",))[not own_float32] + ((), ("bf16+fp32dw",))["dw_ptr" in names]
+        every += ((), ("bf16+odd", "fp32+odd"))["stride" in names]
         first = next(c for c in kernel.configs if not for_float32(c))
         for config in kernel.configs:
             dtypes = ("fp32",) if for_float32(config) else every if config is first else ("bf16",)

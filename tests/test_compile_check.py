@@ -43,9 +43,11 @@ def test_compile_check_passes_for_sm90(report):
     # every config once, and the first 16-bit config again in its extra dtypes (see jobs())
     forward = len(tuning.HOPPER_LINEAR + tuning.FLOAT32_LINEAR) + 1  # fp16
     backward = 3 * (len(tuning.HOPPER_LINEAR_BACKWARD + tuning.FLOAT32_LINEAR_BACKWARD) + 2)  # fp16, fp32 dW
-    from_logits = 2 * (len(tuning.HOPPER_ROW) + 2)  # fp16, fp32
+    from_logits = 2 * (len(tuning.HOPPER_ROW) + 4)  # fp16, fp32, unaligned bf16 and fp32 rows
     assert len(report) == forward + backward + from_logits
-    assert {r["dtype"] for r in report} == {"bf16", "fp16", "fp32", "bf16+fp32dw"}
+    assert {r["dtype"] for r in report} == {"bf16", "fp16", "fp32", "bf16+fp32dw", "bf16+odd", "fp32+odd"}
+    assert {r["kernel"] for r in report if r["dtype"].endswith("+odd")} == {"logits_forward_kernel",
+                                                                           "logits_backward_kernel"}
     assert all(0 < int(r["registers"]) <= 255 for r in report)
 
 
@@ -91,7 +93,9 @@ def test_16bit_products_run_on_hoppers_warpgroup_mma(report):
 
 def test_every_kernel_loads_16_bytes_at_a_time(report):
     """With V and the row strides multiples of 16 (as on the GPU: the matmul schedule's logit tiles
-    are whole 128-column blocks), every kernel's widest global load is 128 bits."""
+    are whole 128-column blocks), every kernel's widest global load is 128 bits; the from-logits
+    kernels' also on rows of any length and alignment (``+odd``: before they split each row at its
+    first 16-byte boundary, these loaded one element at a time, their widest load the 8-byte index)."""
     assert {r["load"] for r in report} == {"16"}
 
 

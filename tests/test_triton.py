@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from nca_kernels import (
     chunk_bytes,
@@ -276,6 +277,76 @@ def test_logits_backward_in_place_on_a_column_strided_view():
     same = be.logits_backward(logits2d, index, targets, lse, g, True)
     assert same.data_ptr() == logits2d.data_ptr()
     torch.testing.assert_close(logits2d, fresh, rtol=1e-5, atol=1e-6)
+
+
+@triton.jit
+def _split_kernel(row_ptr, out_ptr, V, VEC: tl.constexpr):
+    head, body = triton_logits.row_split(row_ptr, V, VEC)
+    tl.store(out_ptr, head)
+    tl.store(out_ptr + 1, body)
+    tl.store(out_ptr + 2, row_ptr.to(tl.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_split_starts_the_vectors_on_a_16_byte_boundary(dtype):
+    """What the GPU's 16-byte vector loads rely on (the interpreter runs them one element at a time, so
+    a wrong split would pass the value tests): from every row alignment, ``row + head`` is 16-byte
+    aligned (or the row is all head), the body is whole vectors and fewer than a vector remains."""
+    vec = 16 // dtype.itemsize
+    flat = torch.zeros(64, dtype=dtype, device=DEVICE)
+    out = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    for offset in range(vec):
+        for v in (1, vec - 1, vec, vec + 1, 3 * vec + 2, 40):
+            _split_kernel[(1,)](flat[offset:], out, v, VEC=vec)
+            head, body, address = out.tolist()
+            assert address == flat[offset:].data_ptr()
+            assert 0 <= head < vec and body % vec == 0 and 0 <= v - head - body < vec, (offset, v, head, body)
+            assert (address + head * dtype.itemsize) % 16 == 0 or head == v, (offset, v, head)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_from_logits_kernels_at_every_row_alignment(dtype):
+    """Rows starting at every offset from a 16-byte boundary (odd vocabularies, a view into a larger
+    buffer, row strides that are not vector multiples): forward, and backward out of place and in place,
+    against float64, with the target in a row's unaligned head, its vectors and its tail."""
+    be = get_backend("triton", torch.device(DEVICE))
+    vec = 16 // dtype.itemsize
+    gen = torch.Generator().manual_seed(31)
+    for v, stride in [(45, 45), (45, 53), (3, 3), (2 * vec + 3, 2 * vec + 3), (64, 67), (37, 40)]:
+        for offset in (0, 1, vec - 1):
+            rows = 5
+            flat = (torch.randn(offset + rows * stride + 8, generator=gen) * 4).to(dtype).to(DEVICE)
+            logits2d = flat[offset:offset + rows * stride].view(rows, stride)[:, :v]
+            index = torch.tensor([0, 2, 3, 4], device=DEVICE)
+            targets = torch.tensor([0, v - 1, min(v - 1, vec), v // 2], device=DEVICE)
+            g = torch.randn(4, generator=gen).to(DEVICE)
+            x = logits2d.double().cpu()
+            lse, tgt = be.logits_forward(logits2d, index, targets)
+            torch.testing.assert_close(lse.double().cpu(), torch.logsumexp(x[index.cpu()], -1), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(tgt.double().cpu(), x[index.cpu(), targets.cpu()], rtol=0, atol=0)
+            want = torch.zeros(rows, v, dtype=torch.float64)
+            onehot = torch.nn.functional.one_hot(targets.cpu(), v)
+            want[index.cpu()] = g.double().cpu()[:, None] * (onehot - torch.softmax(x[index.cpu()], -1))
+            tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+            fresh = be.logits_backward(logits2d, index, targets, lse, g, False)
+            torch.testing.assert_close(fresh.double().cpu(), want, **tol)
+            before = flat.clone()
+            same = be.logits_backward(logits2d, index, targets, lse, g, True)
+            assert same.data_ptr() == logits2d.data_ptr()
+            torch.testing.assert_close(same, fresh, rtol=0, atol=0)
+            outside = torch.ones_like(flat, dtype=torch.bool)
+            outside[offset:offset + rows * stride].view(rows, stride)[:, :v] = False
+            assert torch.equal(flat[outside], before[outside])  # padding columns and neighbours untouched
+
+
+def test_stores_vectorise_only_where_out_rows_align_with_the_logits_rows():
+    buf = torch.zeros(8, 48)
+    a = buf[:, :45]
+    assert triton_logits.same_alignment(a, a)
+    assert triton_logits.same_alignment(a, torch.empty(8, 48)[:, :45])
+    assert not triton_logits.same_alignment(a, torch.empty(8, 45))  # the rows drift apart
+    assert not triton_logits.same_alignment(buf[:, 1:46], torch.empty(8, 48)[:, :45])  # one element off
+    assert triton_logits.same_alignment(buf[:, 4:48], torch.empty(8, 48)[:, :44])  # 16 bytes off
 
 
 def test_fused_backward_returns_grads_in_the_weight_dtype():

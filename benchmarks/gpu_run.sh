@@ -7,18 +7,19 @@
 #   headline  the headline case with every peer: peaks after warm-up, full-size gradient errors
 #   peaked    gradient filtering beside CCE's default filter, on trained-looking logits
 #   tiles     the recompute schedule's tile shapes, with a profile of the default one; then, at H=3584,
-#             the package's 128-column-aligned tile width beside the unaligned one it had before
+#             the package's tile width of whole 128-column blocks beside the one it had before
+#   odd       an odd vocabulary (128257, as resized for an added token) beside the aligned 128256
 #   sweep     the sweep and the peers' largest-fit search, for 300 s
 #   trainer   the demo, then one process of the CLI under FSDP2
 # Files are named after the device (h100_headline.json, ...). Needs the peers installed
 # (pip install -e '.[bench,train]'), or their wheels in $WHEELS on a machine without network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[[ $# -ge 1 ]] || { sed -n 2,14p "$0"; exit 2; }
+[[ $# -ge 1 ]] || { sed -n 2,15p "$0"; exit 2; }
 out=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
 steps=("$@")
-[[ ${#steps[@]} -gt 0 ]] || steps=(tests fused headline peaked tiles sweep trainer)
+[[ ${#steps[@]} -gt 0 ]] || steps=(tests fused headline peaked tiles odd sweep trainer)
 
 if [[ -n "${WHEELS:-}" ]]; then  # pure-Python peers beside a preinstalled torch, triton and transformers
     site=/tmp/nca_kernels_site
@@ -44,12 +45,15 @@ run_step() {
             "${bench[@]}" --headline --no-fit --skip "ours[torch" \
                 --out "$out/${tag}_headline.json" --md "$out/${tag}_headline.md" ;;
         peaked)
-            "${bench[@]}" --headline --no-fit --logits peaked --only naive "ours[triton" "ours[cuda" cce three \
+            "${bench[@]}" --headline --no-fit --logits peaked --only naive "ours[triton" "ours[cuda" cce \
                 --out "$out/${tag}_headline_peaked.json" --md "$out/${tag}_headline_peaked.md" ;;
         tiles)
             python3 benchmarks/tile_sweep.py --profile --out "$out/${tag}_tile_sweep.json" --md "$out/${tag}_tile_sweep.md" \
                 && python3 benchmarks/tile_sweep.py --case 4,4,1024,3584,152064 --rows 877 --cols 14336 14359 \
                     --out "$out/${tag}_tile_align.json" --md "$out/${tag}_tile_align.md" ;;
+        odd)
+            "${bench[@]}" --headline --no-fit --vocab 128256 128257 --only "ours[triton" "ours[cuda" \
+                --out "$out/${tag}_odd_vocab.json" --md "$out/${tag}_odd_vocab.md" ;;
         sweep)
             "${bench[@]}" --time-budget 300 --skip "ours[torch" \
                 --out "$out/${tag}_sweep.json" --plot "$out/${tag}_sweep.png" --md "$out/${tag}_sweep.md" ;;

@@ -511,7 +511,7 @@ def plot(result: dict, path: str) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--quick", action="store_true", help="a short sweep (CPU: under 5 minutes)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one repetition: checks the harness")
@@ -520,6 +520,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--foundation", action="store_true",
                     help="only the foundation case (H=512, V=32000, 2x4x512, fp32) with its targets")
     ap.add_argument("--cases", nargs="*", help="sweep cases whose names contain one of these (tokens, vocab, ...)")
+    ap.add_argument("--vocab", type=int, nargs="*",
+                    help="run each chosen case once per vocabulary size given (named CASE-vV), e.g. an aligned "
+                         "one beside an odd one (a vocabulary resized for added tokens)")
     ap.add_argument("--only", nargs="*", help="implementations whose names contain one of these")
     ap.add_argument("--skip", nargs="*", help="leave out implementations whose names contain one of these")
     ap.add_argument("--no-fit", action="store_true", help="skip the GPU largest-fit search")
@@ -573,6 +576,8 @@ def main(argv=None) -> dict:
         cases = sweep(args.device, args.quick, args.smoke)
     if args.cases:
         cases = [c for c in cases if any(name in c.name for name in args.cases)]
+    if args.vocab:
+        cases = [dataclasses.replace(c, name=f"{c.name}-v{v}", V=v) for c in cases for v in args.vocab]
     cases = [dataclasses.replace(c, logits=args.logits) for c in cases]
 
     result = {

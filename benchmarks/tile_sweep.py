@@ -36,9 +36,10 @@ MiB = 1 << 20
 
 
 def tile_bytes(rows: int, cols: int, case: peers.Case, device: torch.device) -> int:
-    """Scratch of one tile as ``rowchunk.tile_shape`` counts it: logits plus the per-row operands."""
+    """Scratch of one tile as ``rowchunk.tile_shape`` counts it: logits (rows padded to 16 bytes)
+    plus the per-row operands."""
     dtype = peers.DTYPES[case.dtype]
-    return rows * cols * dtype.itemsize + rows * rowchunk.tile_row_bytes(case.H, dtype, device)
+    return rows * (rowchunk.row_stride(cols, dtype) * dtype.itemsize + rowchunk.tile_row_bytes(case.H, dtype, device))
 
 
 def shapes(case: peers.Case, device, rows_list, cols_list, max_bytes: int) -> list[tuple[int, int]]:
@@ -81,7 +82,7 @@ def profile(backend: str, problem, device, rows: int = 40) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--case", default=None, help="B,K,T,H,V (default: the headline case)")
     ap.add_argument("--rows", type=int, nargs="*", default=[512, 768, 1024, 1536, 2048])

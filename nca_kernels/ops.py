@@ -201,7 +201,7 @@ class GroupedNCALoss(torch.autograd.Function):
         pack, rows = rowchunk.rows_per_chunk(weight)
         chunks = list(_prompt_chunks(tokens, k, b, pack))
         width = min(rows, max(t1 - t0 for *_, t0, t1 in chunks))
-        work = torch.empty(width, weight.shape[0], dtype=hidden.dtype, device=hidden.device)  # reused
+        work = rowchunk.aligned_rows(width, weight.shape[0], hidden.dtype, hidden.device)  # reused
 
         for p0, p1, t0, t1 in chunks:
             subs = [slice(s0, min(t1, s0 + rows)) for s0 in range(t0, t1, rows)]

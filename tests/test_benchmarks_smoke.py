@@ -379,6 +379,14 @@ def test_main_settings_cases_and_json_fields(monkeypatch):
     from benchmarks import run
     seen = []
     monkeypatch.setattr(run, "run_case", lambda case, device, opts, args: seen.append((case.name, case.logits)) or [])
+    run.main(["--device", "cpu", "--headline", "--vocab", "128256", "128257"])
+    assert seen == [("headline-v128256", "random"), ("headline-v128257", "random")]
+    seen.clear()
+    monkeypatch.setattr(run, "run_case", lambda case, device, opts, args: seen.append((case.name, case.V)) or [])
+    run.main(["--device", "cpu", "--foundation", "--vocab", "31999"])
+    assert seen == [("foundation-v31999", 31999)]
+    seen.clear()
+    monkeypatch.setattr(run, "run_case", lambda case, device, opts, args: seen.append((case.name, case.logits)) or [])
     smoke = run.main(["--device", "cpu", "--smoke", "--cases", "no-such-case"])
     assert (smoke["settings"]["reps"], smoke["settings"]["warmup"]) == (1, 0)
     result = run.main(["--device", "cpu", "--quick", "--cases", "foundation", "tokens", "--logits", "peaked"])
@@ -596,6 +604,9 @@ def test_gpu_run_script_passes_options_the_scripts_take():
     parsers = {"benchmarks/run.py": run.parser(), "benchmarks/tile_sweep.py": tile_sweep.parser()}
     commands = list(_gpu_run_commands(script))
     assert sorted({p for p, _ in commands}) == sorted(parsers) and len(commands) >= 5
+    for program, abbreviated in [("benchmarks/run.py", "--headl"), ("benchmarks/tile_sweep.py", "--prof")]:
+        with pytest.raises(SystemExit):  # flags spelt whole: argparse would take these for --headline, --profile
+            parsers[program].parse_args([abbreviated])
     for program, argv in commands:
         args = parsers[program].parse_args(argv)
         for name in (getattr(args, "only", None) or []) + (getattr(args, "skip", None) or []):

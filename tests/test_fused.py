@@ -336,7 +336,7 @@ def test_long_response_sum_is_accurate(recompute):
     torch.testing.assert_close(got, expected, rtol=4 * 2.0**-24, atol=0)
 
 
-GROUP_ROW = (37 + 2 * 12) * 8  # bytes of one response token's row in test_group_pack_and_cap
+GROUP_ROW = (38 + 2 * 12) * 8  # bytes of a token's row in test_group_pack_and_cap (37 logits, padded to 38)
 
 
 @pytest.mark.parametrize("pack,cap,calls", [(1, 1 << 20, 3), (1, 1, 2 * 36), (24 * GROUP_ROW, 24 * GROUP_ROW, 2)])
@@ -648,6 +648,49 @@ def test_matmul_tile_passes_in_float64(softcap):
         want += be.linear_backward(h2d, w, bias, index, targets, want[0], g, (True, True, True), softcap)
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logit_buffers_start_every_row_on_16_bytes(monkeypatch, dtype):
+    """An odd vocabulary (37, as one resized for added tokens): the logits buffers that cuBLAS writes
+    and the from-logits passes read, in the group path and in the tile passes (whose last tile is 5
+    columns wide), start every row on a 16-byte boundary, their row stride rounded up; the results
+    are unchanged (the float64 reference; the torch backend's own passes)."""
+    from nca_kernels.backends import rowchunk
+    from nca_kernels.backends import torch_chunked as be
+
+    seen = []
+
+    def spy(name):
+        original = getattr(be, name)
+
+        def run(logits2d, *args):
+            row_bytes = logits2d.stride(0) * logits2d.element_size()
+            seen.append((name, logits2d.shape[1], logits2d.data_ptr() % 16, row_bytes % 16))
+            return original(logits2d, *args)
+
+        monkeypatch.setattr(be, name, run)
+
+    for name in ("logits_forward", "logits_exp_", "logits_backward"):
+        spy(name)
+    batch = make_batch(b=2, k=2, t=9, h=8, v=37, bias=True, seed=9)
+    b = batch.cast(dtype)
+    kw = dict(beta=0.1, alpha=0.1, bias=b.bias)
+    loss = nk.fused_nca_loss(b.hidden, b.weight, b.labels, b.rewards, b.ref_logps, recompute=False, backend="torch",
+                             **kw)
+    want = ref.fused_nca_loss(*(x.to(dtype).double() for x in (batch.hidden, batch.weight)), batch.labels,
+                              batch.rewards, batch.ref_logps, **{**kw, "bias": batch.bias.to(dtype).double()})
+    torch.testing.assert_close(loss.double(), want, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-4)
+    group = len(seen)
+    h2d, w, bias = (x.detach() for x in (b.hidden.reshape(-1, 8), b.weight, b.bias))
+    index, targets = batch.response_rows()
+    with nk.chunk_bytes(tile=1280):  # 10-token chunks by 16 (float32) or 32 (bf16) columns, then 5
+        assert rowchunk.tile_shape(index.numel(), w)[1] == 64 // dtype.itemsize
+        lse, _ = rowchunk.linear_forward(be, h2d, w, bias, index, targets)
+        rowchunk.linear_backward(be, h2d, w, bias, index, targets, lse, torch.ones_like(lse), (True, True, True))
+    assert group and {s[1] for s in seen[:group]} == {37}
+    assert {s[1] for s in seen[group:]} == {64 // dtype.itemsize, 5}
+    assert all(s[2:] == (0, 0) for s in seen), seen
 
 
 def test_torch_logits_backward_in_place_zeroes_rows_outside_index():

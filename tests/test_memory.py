@@ -145,12 +145,13 @@ def test_tile_shape_counts_the_product_row_only_where_it_exists(monkeypatch, wid
 @pytest.mark.parametrize("h, v, budget, want", [
     (3584, 152064, 48 << 20, (877, 14336)),  # Qwen2-7B: 14359 columns before alignment
     (5120, 152064, 48 << 20, (614, 20480)),  # 20506 before
-    (16, 1000, 1000, (3, 102)),  # under 128 columns: as the budget gives
+    (16, 1000, 1000, (3, 96)),  # under 128 columns: whole 16 bytes, as the budget gives (102 before padding)
     (64, 1000, 1500, (1, 384)),  # one row: columns rounded down to whole blocks
     (64, 1000, 64 << 20, (1024, 1000)),  # the whole vocabulary
 ])
 def test_tile_columns_are_aligned_when_the_vocabulary_is_split(monkeypatch, h, v, budget, want):
-    """A vocabulary split into tiles gets tiles of whole 128-column blocks (16-byte aligned rows)."""
+    """A vocabulary split into tiles gets tiles of whole 128-column blocks; a tile and its rows'
+    padding to 16 bytes fit the budget."""
     from nca_kernels.backends import rowchunk
 
     monkeypatch.setattr(rowchunk, "wide_addmm", lambda device, dtype: False)
@@ -158,7 +159,8 @@ def test_tile_columns_are_aligned_when_the_vocabulary_is_split(monkeypatch, h, v
     with nk.chunk_bytes(tile=budget):
         rows, cols = rowchunk.tile_shape(8192, weight)
     assert (rows, cols) == want
-    assert rows * cols * 2 + rows * rowchunk.tile_row_bytes(h, torch.bfloat16, weight.device) <= budget
+    padded = rowchunk.row_stride(cols, torch.bfloat16)
+    assert rows * padded * 2 + rows * rowchunk.tile_row_bytes(h, torch.bfloat16, weight.device) <= budget
 
 
 def test_tile_rows_never_exceed_the_tokens(monkeypatch):

@@ -21,11 +21,26 @@ from .. import config
 from .torch_chunked import accum_dtype, addmm_, cap_, cap_slope, cast, weight_grad_buffer, wide_addmm
 
 
+def row_stride(cols: int, dtype: torch.dtype) -> int:
+    """``cols`` rounded up to whole 16 bytes of ``dtype``: the row stride of :func:`aligned_rows`."""
+    step = 16 // dtype.itemsize
+    return -(-cols // step) * step
+
+
+def aligned_rows(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised ``(rows, cols)`` buffer whose rows start on 16-byte boundaries: cuBLAS'
+    fastest 16-bit kernels need that of a matrix's leading dimension, and the from-logits Triton
+    kernels then read every row as whole vectors but its tail. An odd vocabulary (one resized for
+    added tokens) would otherwise start each row elsewhere."""
+    return torch.empty(rows, row_stride(cols, dtype), dtype=dtype, device=device)[:, :cols]
+
+
 def rows_per_chunk(weight: torch.Tensor) -> tuple[int, int]:
     """``(pack, cap)`` rows of the group budget (:func:`config.group_budget`), a row costing its
-    logits plus its gathered hidden row and its ``dH`` row (the matmul operands beside the buffer)."""
+    logits (:func:`aligned_rows`) plus its gathered hidden row and its ``dH`` row (the matmul
+    operands beside the buffer)."""
     v, h = weight.shape
-    row = (v + 2 * h) * weight.element_size()
+    row = (row_stride(v, weight.dtype) + 2 * h) * weight.element_size()
     return tuple(max(1, size // row) for size in config.group_budget(weight.device))
 
 
@@ -33,7 +48,9 @@ def logits_chunk(hidden2d, weight, bias, index, out=None, softcap=None) -> torch
     """``hidden2d[index] @ weight.T + bias``, capped by softcap: ``(len(index), V)`` in the input
     dtype, into ``out`` (rows ``[:len(index)]`` of a reused buffer) when given."""
     h = hidden2d.index_select(0, index)
-    out = torch.mm(h, weight.t()) if out is None else torch.mm(h, weight.t(), out=out[: h.shape[0]])
+    if out is None:
+        out = aligned_rows(h.shape[0], weight.shape[0], h.dtype, h.device)
+    out = torch.mm(h, weight.t(), out=out[: h.shape[0]])
     return cap_(out if bias is None else out.add_(bias), softcap)
 
 
@@ -85,20 +102,21 @@ def tile_row_bytes(h: int, dtype: torch.dtype, device: torch.device) -> int:
 
 
 #: A tile narrower than the vocabulary is a multiple of this many columns (when the budget allows
-#: one): its rows then start 16-byte aligned, which cuBLAS' fastest 16-bit kernels need of the
-#: leading dimension and without which the from-logits Triton kernels load one element at a time,
-#: and every tile but the last splits into whole 128-column blocks.
+#: one): every tile but the last then splits into whole 128-column blocks, the width of cuBLAS'
+#: output tiles. (Its rows start on 16 bytes whatever its width: :func:`aligned_rows`.)
 TILE_COLUMNS = 128
 
 
 def tile_shape(n: int, weight: torch.Tensor) -> tuple[int, int]:
     """(tokens, vocab) of one backward tile within the tile budget: at most half of it (and 1024
-    rows) for the token rows (:func:`tile_row_bytes`), the rest for the logits."""
+    rows) for the token rows (:func:`tile_row_bytes`), the rest for the logits, whose rows are
+    padded to whole 16 bytes (:func:`aligned_rows`)."""
     v, h = weight.shape
     row = tile_row_bytes(h, weight.dtype, weight.device)
     budget = config.tile_budget(weight.device)
     rows = max(1, min(n, 1024, budget // (2 * row)))
-    cols = max(1, min(v, (budget - rows * row) // (rows * weight.element_size())))
+    fit, step = (budget - rows * row) // (rows * weight.element_size()), row_stride(1, weight.dtype)
+    cols = max(1, min(v, fit if fit < step else fit - fit % step))
     if TILE_COLUMNS <= cols < v:
         cols -= cols % TILE_COLUMNS
     return rows, cols
@@ -118,7 +136,7 @@ def every_row(index, m: int, device) -> torch.Tensor:
 
 
 def _logit_tile(h, weight, bias, v0, v1, softcap):
-    out = h @ weight[v0:v1].t()
+    out = torch.mm(h, weight[v0:v1].t(), out=aligned_rows(h.shape[0], v1 - v0, h.dtype, h.device))
     return cap_(out if bias is None else out.add_(bias[v0:v1]), softcap)
 
 

@@ -521,8 +521,8 @@ def parser() -> argparse.ArgumentParser:
                     help="only the foundation case (H=512, V=32000, 2x4x512, fp32) with its targets")
     ap.add_argument("--cases", nargs="*", help="sweep cases whose names contain one of these (tokens, vocab, ...)")
     ap.add_argument("--vocab", type=int, nargs="*",
-                    help="run each chosen case once per vocabulary size given (named CASE-vV), e.g. an aligned "
-                         "one beside an odd one (a vocabulary resized for added tokens)")
+                    help="run each chosen case once per vocabulary size given, e.g. an aligned one beside an odd "
+                         "one (a vocabulary resized for added tokens)")
     ap.add_argument("--only", nargs="*", help="implementations whose names contain one of these")
     ap.add_argument("--skip", nargs="*", help="leave out implementations whose names contain one of these")
     ap.add_argument("--no-fit", action="store_true", help="skip the GPU largest-fit search")
@@ -577,7 +577,7 @@ def main(argv=None) -> dict:
     if args.cases:
         cases = [c for c in cases if any(name in c.name for name in args.cases)]
     if args.vocab:
-        cases = [dataclasses.replace(c, name=f"{c.name}-v{v}", V=v) for c in cases for v in args.vocab]
+        cases = [dataclasses.replace(c, V=v) for c in cases for v in args.vocab]
     cases = [dataclasses.replace(c, logits=args.logits) for c in cases]
 
     result = {
@@ -610,7 +610,7 @@ def main(argv=None) -> dict:
         print(f"   ({time.monotonic() - t0:.0f} s)", flush=True)
         result["rows"].extend(rows)
         save()
-        if case.name == HEADLINE.name and device.type == "cuda" and not args.no_fit:
+        if case.name == HEADLINE.name and device.type == "cuda" and not (args.no_fit or result["fits"]):
             result["fits"] = fits_search(device, opts, args, deadline)
             save()
     result["foundation"] = foundation_summary(result["rows"])

@@ -378,13 +378,10 @@ def test_main_settings_cases_and_json_fields(monkeypatch):
 
     from benchmarks import run
     seen = []
-    monkeypatch.setattr(run, "run_case", lambda case, device, opts, args: seen.append((case.name, case.logits)) or [])
-    run.main(["--device", "cpu", "--headline", "--vocab", "128256", "128257"])
-    assert seen == [("headline-v128256", "random"), ("headline-v128257", "random")]
-    seen.clear()
     monkeypatch.setattr(run, "run_case", lambda case, device, opts, args: seen.append((case.name, case.V)) or [])
+    run.main(["--device", "cpu", "--headline", "--vocab", "128256", "128257"])
     run.main(["--device", "cpu", "--foundation", "--vocab", "31999"])
-    assert seen == [("foundation-v31999", 31999)]
+    assert seen == [("headline", 128256), ("headline", 128257), ("foundation", 31999)]
     seen.clear()
     monkeypatch.setattr(run, "run_case", lambda case, device, opts, args: seen.append((case.name, case.logits)) or [])
     smoke = run.main(["--device", "cpu", "--smoke", "--cases", "no-such-case"])
@@ -412,6 +409,23 @@ def test_cases_past_the_time_budget_are_recorded_as_skipped(monkeypatch):
     skipped = [r for r in result["rows"] if r["status"] == "skip"]
     assert len(ran) + len(skipped) == 4 and len(skipped) >= 3, (ran, skipped)
     assert all(r["reason"] == "time budget" and r["impl"] == "*" for r in skipped)
+
+
+def test_fit_search_runs_once_after_the_headline_case(monkeypatch):
+    """On CUDA (stand-ins here), after the headline case's rows, and once with several ``--vocab``."""
+    import torch
+
+    from benchmarks import run
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(run, "device_name", lambda device: "a stand-in GPU")
+    monkeypatch.setattr(run, "run_case", lambda case, device, opts, args: calls.append(("case", case.V)) or [])
+    monkeypatch.setattr(run, "fits_search", lambda *a: calls.append(("fits",)) or [{"impl": "x", "fits_tokens": 1}])
+    result = run.main(["--device", "cuda", "--headline", "--vocab", "128256", "128257"])
+    assert calls == [("case", 128256), ("fits",), ("case", 128257)] and result["fits"][0]["impl"] == "x"
+    calls.clear()
+    run.main(["--device", "cuda", "--headline", "--no-fit"])
+    assert calls == [("case", 128256)]
 
 
 def test_fits_search_doubles_up_to_the_largest_that_runs(monkeypatch):

@@ -48,14 +48,22 @@ def sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, a
 
 
 def sequence_logprobs_from_logits(logits, labels, *, ignore_index=-100, average=False, shift=False,
-                                  backend="auto"):
+                                  inplace_backward=False, backend="auto"):
     """Per-sequence log-probs ``(S,)`` from logits ``(S, T, V)`` (any float dtype), read in chunks;
-    ``shift`` as in :func:`sequence_logprobs`."""
+    ``shift`` as in :func:`sequence_logprobs`.
+
+    ``inplace_backward=True``: backward writes the logits gradient into ``logits`` itself, so no
+    second logits-sized buffer is allocated; afterwards ``logits`` holds their gradient, and
+    autograd refuses any later use of their values (an op that saved them for its own backward, a
+    second backward). Logits that are not one strided ``(S*T, V)`` matrix (a slice along T) are
+    copied by each pass, and backward's copy becomes the gradient: nothing is saved then.
+    """
     validation.check_backend(backend)
-    average, shift = validation.check_flags(average=average, shift=shift)
+    average, shift, inplace_backward = validation.check_flags(average=average, shift=shift,
+                                                              inplace_backward=inplace_backward)
     ignore_index = validation.check_logits_inputs(logits, labels, ignore_index, shift)
     labels = _shifted(labels, ignore_index, shift)
-    return ops.LogitsLogprobs.apply(logits, labels, ignore_index, average, backend)
+    return ops.LogitsLogprobs.apply(logits, labels, ignore_index, average, inplace_backward, backend)
 
 
 def nca_loss(policy_logps, ref_logps, rewards, *, beta, alpha, loss_type="nca"):

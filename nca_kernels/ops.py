@@ -133,16 +133,18 @@ class LinearLogprobs(torch.autograd.Function):
 
 
 class LogitsLogprobs(torch.autograd.Function):
-    """``(S,)`` sequence log-probs from logits ``(S, T, V)``; never copies the whole logits."""
+    """``(S,)`` sequence log-probs from logits ``(S, T, V)``; never copies the whole logits. With
+    ``inplace``, backward overwrites the logits with their gradient (where they are one strided
+    ``(S*T, V)`` matrix; otherwise their copy, the gradient)."""
 
     @staticmethod
     @_no_autocast
-    def forward(ctx, logits, labels, ignore_index, average, backend):
+    def forward(ctx, logits, labels, ignore_index, average, inplace, backend):
         be = get_backend(backend, logits.device)
         tokens = Tokens.from_labels(labels, ignore_index, average, accum_dtype(logits.dtype))
         lse, tgt = be.logits_forward(logits.reshape(-1, logits.shape[-1]), tokens.index, tokens.targets)
         ctx.save_for_backward(logits, lse)
-        ctx.tokens, ctx.backend = tokens, be
+        ctx.tokens, ctx.backend, ctx.inplace = tokens, be, inplace
         return tokens.reduce(tgt - lse)
 
     @staticmethod
@@ -151,11 +153,12 @@ class LogitsLogprobs(torch.autograd.Function):
     def backward(ctx, grad_seq):
         logits, lse = ctx.saved_tensors
         tokens = ctx.tokens
-        dlogits = ctx.backend.logits_backward(
-            logits.reshape(-1, logits.shape[-1]), tokens.index, tokens.targets, lse,
-            tokens.spread(grad_seq), False,
-        )
-        return dlogits.view_as(logits), None, None, None, None
+        logits2d = logits.reshape(-1, logits.shape[-1])
+        dlogits = ctx.backend.logits_backward(logits2d, tokens.index, tokens.targets, lse, tokens.spread(grad_seq),
+                                              ctx.inplace)
+        if ctx.inplace:  # a kernel's writes bypass autograd: a later use of the old values must fail
+            torch.autograd.graph.increment_version(logits2d)
+        return dlogits.view_as(logits), None, None, None, None, None
 
 
 def _prompt_chunks(tokens: Tokens, k: int, b: int, budget: int):

@@ -100,6 +100,21 @@ def test_float64_stays_on_the_torch_passes():
     torch.testing.assert_close(out, torch_chunked.logits_backward(logits, index, targets, lse, grad, False))
 
 
+def test_in_place_on_column_strided_logits_stays_on_the_torch_passes(monkeypatch):
+    """The kernels write rows of unit stride: in place on a transposed buffer (``inplace_backward``
+    on such logits) the torch passes overwrite the logits themselves, without the extension."""
+    monkeypatch.setattr(cuda, "_extension", lambda: pytest.fail("the kernels were called"))
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(11, 6, generator=g).t()
+    index, targets = torch.tensor([1, 4, 5]), torch.tensor([0, 10, 3])
+    lse, _ = torch_chunked.logits_forward(logits, index, targets)
+    grad = torch.rand(3, generator=g)
+    want = torch_chunked.logits_backward(logits, index, targets, lse, grad, False)
+    out = cuda.logits_backward(logits, index, targets, lse, grad, True)
+    assert out.data_ptr() == logits.data_ptr()
+    torch.testing.assert_close(logits, want)
+
+
 # ----------------------------------------------------------------------------- equivalence (GPU)
 
 TOL = {torch.float32: (1e-5, 1e-7), torch.bfloat16: (1e-2, 1e-7), torch.float16: (2e-3, 1e-7)}

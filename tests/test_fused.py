@@ -98,6 +98,57 @@ def test_sequence_logprobs_from_logits(device, backend, average, small_tiles):
     assert got[1].item() == 0.0
     torch.testing.assert_close(logits.detach(), before, rtol=0, atol=0)
 
+def _from_logits_case(device, backend, seed):
+    """(labels, logits of the backend's dtype, their float64 gradient for fixed random weights)."""
+    batch = make_batch(b=2, k=2, t=10, h=8, v=61, device=device, empty_seq=1, seed=seed)
+    logits = (batch.hidden @ batch.weight.t()).detach().mul(3).to(_dtype(backend))
+    x = logits.to(f64).requires_grad_()
+    expected = ref.sequence_logprobs_from_logits(x, batch.labels)
+    w = torch.randn_like(expected)
+    return batch.labels, logits, w, torch.autograd.grad((expected * w).sum(), x)[0]
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("layout", ["contiguous", "padded rows", "slice along T"])
+def test_from_logits_inplace_backward(device, backend, layout):
+    """``inplace_backward=True``: the float64 reference's gradient, written into the logits' own
+    storage (a view into a padded buffer too, whose padding stays untouched); logits sliced along T
+    cannot be viewed as one matrix, so a copy becomes the gradient and the caller's logits stay."""
+    labels, logits, w, expected = _from_logits_case(device, backend, 13)
+    s, t, v = logits.shape
+    base = torch.full((s, t + (layout == "slice along T"), v + 3 * (layout == "padded rows")), 7.0,
+                      dtype=logits.dtype, device=device)
+    base[:, :t, :v] = logits
+    leaf = base.requires_grad_()
+    x = leaf[:, :t, :v]
+    before = base.detach().clone()
+    got = nk.sequence_logprobs_from_logits(x, labels, inplace_backward=True, backend=backend)
+    (g,) = torch.autograd.grad((got * w.to(got.dtype)).sum(), leaf)
+    torch.testing.assert_close(g[:, :t, :v].to(f64), expected, **_tol(_dtype(backend)))
+    if layout == "slice along T":
+        torch.testing.assert_close(base.detach(), before, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(base.detach()[:, :, :v], g[:, :t, :v], rtol=0, atol=0)
+        torch.testing.assert_close(base.detach()[:, :, v:], before[:, :, v:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_from_logits_inplace_backward_refuses_a_later_use_of_the_logits(device, backend):
+    """Logits that another op saved for its backward (tanh keeps its output) and a second backward
+    would read the overwritten values: autograd raises instead of computing a wrong gradient, also
+    when the kernels write them (the pass bumps their version)."""
+    labels, logits, w, _ = _from_logits_case(device, backend, 14)
+    pre = logits.clone().requires_grad_()
+    capped = torch.tanh(pre)
+    out = nk.sequence_logprobs_from_logits(capped, labels, inplace_backward=True, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out.sum(), pre)
+    x = logits.clone().requires_grad_()
+    out = nk.sequence_logprobs_from_logits(x * 1, labels, inplace_backward=True, backend=backend)
+    torch.autograd.grad(out.sum(), x, retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out.sum(), x)
+
 
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("recompute", [True, False])
@@ -447,6 +498,23 @@ def test_under_torch_compile(recompute):
     compiled = torch.compile(step, backend="aot_eager")(*leaves)
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
     for got, want in zip(_grads(compiled, leaves), _grads(eager, leaves)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+def test_from_logits_inplace_backward_under_torch_compile():
+    """The logits made inside a compiled step (an intermediate of its graph) are overwritten with
+    their gradient in backward: the eager gradients."""
+    batch = make_batch(b=2, k=2, t=12, h=16, v=70).cast(torch.float32)
+
+    def step(hidden, weight, inplace):
+        logits = (hidden * 1.5) @ weight.t()
+        return nk.sequence_logprobs_from_logits(logits, batch.labels, inplace_backward=inplace, backend="torch")
+
+    leaves = (batch.hidden, batch.weight)
+    eager = step(*leaves, False)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager")(*leaves, True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    for got, want in zip(_grads(compiled.sum(), leaves), _grads(eager.sum(), leaves)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 

@@ -94,6 +94,26 @@ def test_from_logits_never_copies_the_logits():
     assert peak <= grad_bytes + 4 * (64 << 10) + (64 << 10)
 
 
+def test_from_logits_inplace_backward_allocates_no_gradient():
+    """``inplace_backward=True``: backward writes the gradient into the logits, so its peak is one
+    chunk; out of place it is the logits-sized gradient plus one chunk."""
+    batch = make_batch(b=2, k=2, t=64, h=8, v=4096, dtype=torch.float32, seed=3)
+    logits = (batch.hidden @ batch.weight.t()).detach()
+    peaks = {}
+    for inplace in (False, True):
+        x = logits.clone().requires_grad_()
+
+        def run():
+            out = nk.sequence_logprobs_from_logits(x, batch.labels, inplace_backward=inplace, backend="torch")
+            torch.autograd.grad(out.sum(), x)
+
+        with nk.chunk_bytes(tile=64 << 10):
+            peaks[inplace] = peak_bytes(run, CPU)
+    size = logits.numel() * logits.element_size()  # 1 MiB
+    assert size <= peaks[False] <= size + 4 * (64 << 10) + (64 << 10)
+    assert peaks[True] <= 4 * (64 << 10) + (64 << 10)
+
+
 @pytest.mark.parametrize("tile", [256 << 10, 1 << 20, 4 << 20])
 def test_tile_passes_stay_within_the_tile_budget(tile):
     """The GPU backends' (tokens x vocab) tile passes (``rowchunk``, here with the torch backend's

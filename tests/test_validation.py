@@ -225,6 +225,8 @@ def test_other_entry_points_validate(batch):
         nk.FusedNCALoss(recompute="False")
     with pytest.raises(TypeError, match="average must be a bool"):
         nk.sequence_logprobs_from_logits(torch.zeros(4, 5, 3), batch.labels, average=0, backend="torch")
+    with pytest.raises(TypeError, match="inplace_backward must be a bool"):
+        nk.sequence_logprobs_from_logits(torch.zeros(4, 5, 3), batch.labels, inplace_backward="yes", backend="torch")
     with pytest.raises(ValueError, match="with V > 0"):
         nk.sequence_logprobs_from_logits(torch.zeros(4, 5, 0), batch.labels, backend="torch")
     with pytest.raises(ValueError, match="logits must be"):

@@ -36,10 +36,11 @@ MiB = 1 << 20
 
 
 def tile_bytes(rows: int, cols: int, case: peers.Case, device: torch.device) -> int:
-    """Scratch of one tile as ``rowchunk.tile_shape`` counts it: logits (rows padded to 16 bytes)
-    plus the per-row operands."""
+    """Scratch of one tile as ``rowchunk.tile_shape`` counts it: logits (rows padded to 16 bytes on
+    a GPU) plus the per-row operands."""
     dtype = peers.DTYPES[case.dtype]
-    return rows * (rowchunk.row_stride(cols, dtype) * dtype.itemsize + rowchunk.tile_row_bytes(case.H, dtype, device))
+    logits = rowchunk.row_stride(cols, dtype, device) * dtype.itemsize
+    return rows * (logits + rowchunk.tile_row_bytes(case.H, dtype, device))
 
 
 def shapes(case: peers.Case, device, rows_list, cols_list, max_bytes: int) -> list[tuple[int, int]]:

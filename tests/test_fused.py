@@ -387,7 +387,7 @@ def test_long_response_sum_is_accurate(recompute):
     torch.testing.assert_close(got, expected, rtol=4 * 2.0**-24, atol=0)
 
 
-GROUP_ROW = (38 + 2 * 12) * 8  # bytes of a token's row in test_group_pack_and_cap (37 logits, padded to 38)
+GROUP_ROW = (37 + 2 * 12) * 8  # bytes of one response token's row in test_group_pack_and_cap
 
 
 @pytest.mark.parametrize("pack,cap,calls", [(1, 1 << 20, 3), (1, 1, 2 * 36), (24 * GROUP_ROW, 24 * GROUP_ROW, 2)])
@@ -721,10 +721,11 @@ def test_matmul_tile_passes_in_float64(softcap):
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logit_buffers_start_every_row_on_16_bytes(monkeypatch, device, backend, dtype):
-    """An odd vocabulary (37, as one resized for added tokens): the logits buffers that cuBLAS writes
-    and the from-logits passes read, in the group path and in the tile passes (whose last tile is 5
-    columns wide on CPU), start every row on a 16-byte boundary, their row stride rounded up; the
-    loss is the float64 reference's."""
+    """An odd vocabulary (37, as one resized for added tokens): on a GPU the logits buffers that
+    cuBLAS writes and the from-logits passes read, in the group path and in the tile passes (whose
+    last tile is 5 columns wide on CPU), start every row on a 16-byte boundary, their row stride
+    rounded up; on the CPU, whose BLAS takes any leading dimension, they are not padded. The loss is
+    the float64 reference's either way."""
     from nca_kernels.backends import get_backend, rowchunk
 
     be = get_backend(backend, torch.device(device))
@@ -734,8 +735,7 @@ def test_logit_buffers_start_every_row_on_16_bytes(monkeypatch, device, backend,
         original = getattr(be, name)
 
         def run(logits2d, *args):
-            row_bytes = logits2d.stride(0) * logits2d.element_size()
-            seen.append((name, logits2d.shape[1], logits2d.data_ptr() % 16, row_bytes % 16))
+            seen.append((name, logits2d.shape[1], logits2d.stride(0), logits2d.data_ptr() % 16))
             return original(logits2d, *args)
 
         monkeypatch.setattr(be, name, run)
@@ -760,7 +760,21 @@ def test_logit_buffers_start_every_row_on_16_bytes(monkeypatch, device, backend,
         rowchunk.linear_backward(be, h2d, w, bias, index, targets, lse, torch.ones_like(lse), (True, True, True))
     assert group and {s[1] for s in seen[:group]} == {37}
     assert 37 % cols % 2 and {s[1] for s in seen[group:]} == {cols, 37 % cols}
-    assert all(s[2:] == (0, 0) for s in seen), seen
+    if device == "cpu":
+        assert all(stride == width for _, width, stride, _ in seen), seen
+    else:
+        assert all(stride * dtype.itemsize % 16 == 0 and address == 0 for *_, stride, address in seen), seen
+
+
+def test_row_stride_pads_to_16_bytes_off_the_cpu():
+    from nca_kernels.backends.rowchunk import aligned_rows, row_stride
+
+    assert [row_stride(37, torch.bfloat16, d) for d in ("cuda", "meta", "cpu")] == [40, 40, 37]
+    assert [row_stride(c, torch.float32, "cuda") for c in (1, 4, 5, 128256, 128257)] == [4, 4, 8, 128256, 128260]
+    assert row_stride(37, f64, torch.device("cuda", 1)) == 38
+    buf = aligned_rows(3, 37, torch.bfloat16, "meta")
+    assert buf.shape == (3, 37) and buf.stride() == (40, 1)
+    assert aligned_rows(3, 37, torch.bfloat16, "cpu").is_contiguous()
 
 
 def test_torch_logits_backward_in_place_zeroes_rows_outside_index():

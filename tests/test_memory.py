@@ -171,7 +171,7 @@ def test_tile_shape_counts_the_product_row_only_where_it_exists(monkeypatch, wid
 ])
 def test_tile_columns_are_aligned_when_the_vocabulary_is_split(monkeypatch, h, v, budget, want):
     """A vocabulary split into tiles gets tiles of whole 128-column blocks; a tile and its rows'
-    padding to 16 bytes fit the budget."""
+    padding to 16 bytes (a weight on the meta device stands for a GPU's) fit the budget."""
     from nca_kernels.backends import rowchunk
 
     monkeypatch.setattr(rowchunk, "wide_addmm", lambda device, dtype: False)
@@ -179,7 +179,7 @@ def test_tile_columns_are_aligned_when_the_vocabulary_is_split(monkeypatch, h, v
     with nk.chunk_bytes(tile=budget):
         rows, cols = rowchunk.tile_shape(8192, weight)
     assert (rows, cols) == want
-    padded = rowchunk.row_stride(cols, torch.bfloat16)
+    padded = rowchunk.row_stride(cols, torch.bfloat16, weight.device)
     assert rows * padded * 2 + rows * rowchunk.tile_row_bytes(h, torch.bfloat16, weight.device) <= budget
 
 

@@ -465,14 +465,17 @@ def test_fits_search_doubles_up_to_the_largest_that_runs(monkeypatch):
 def test_foundation_targets_pass_only_when_both_are_met():
     from benchmarks import run
 
-    def row(name, impl, peak, time):
-        return {"name": name, "impl": impl, "status": "ok", "peak_vs_naive": peak, "time_vs_matmuls": time}
+    def row(name, impl, peak, time, v=32000):
+        return {"name": name, "impl": impl, "status": "ok", "peak_vs_naive": peak, "time_vs_matmuls": time, "V": v}
 
     out = run.foundation_summary([row("foundation", "ours[torch,recompute]", 0.04, 2.0),
                                   row("foundation", "ours[torch,group]", 0.15, 1.1),
-                                  row("tokens", "ours[torch,recompute]", 0.01, 1.0)])
+                                  row("tokens", "ours[torch,recompute]", 0.01, 1.0),
+                                  row("foundation", "ours[torch,group]", 0.5, 9.0, v=32001)])  # --vocab
     assert out["ours[torch,recompute]"]["pass"] is False and out["ours[torch,group]"]["pass"] is True
     assert out["ours[torch,recompute]"]["peak_vs_naive"] == 0.04
+    unjudged = run.foundation_summary([row("foundation", "ours[torch,group]", None, 1.0)])  # naive left out
+    assert unjudged["ours[torch,group]"]["pass"] is None
 
 
 def test_select_only_and_skip():

@@ -500,6 +500,38 @@ def test_tile_sweep_rows_chunks_extra_memory_and_ratio(monkeypatch):
     assert [(r["rows"], r["cols"], r["chunks"]) for r in rows] == [(24, 300, 3), (64, 300, 1)]
     assert all(r["extra_mib"] == 1.0 and r["time_vs_matmuls"] == 1.5 and r["grad_err"] < 2e-2 for r in rows), rows
     assert result["three_matmuls_ms"] == 2.0
+    assert result["model"]["matmul_flops"] == 6 * 64 * 32 * 300 / 2e-3  # the matmuls' rate in this run
+    assert all(0 < r["model_ms"][0] < r["model_ms"][1] for r in rows)
+
+
+def test_tile_model_bounds(monkeypatch):
+    """The roofline model of the recompute schedule: with free memory traffic both bounds are the four
+    matmuls (4/3 of the three); with free FLOPs both are the bytes each pass moves; the serial bound
+    adds the two, the overlapped one takes the larger per op."""
+    import math
+
+    from benchmarks import peers, tile_sweep
+    from nca_kernels import config
+
+    monkeypatch.setattr(tile_sweep, "wide_addmm", lambda device, dtype: True)
+    case = peers.Case("c", B=1, K=2, T=64, H=32, V=300, dtype="bf16")  # 64 response tokens
+    n, h, v = case.tokens, case.H, case.V
+    flops = 2 * n * h * v
+    lo, hi = tile_sweep.model_ms(16, 128, case, "cuda", flops, math.inf)  # 4 chunks x 3 vocabulary tiles
+    assert lo == hi == pytest.approx(4e3)
+    # bf16 bytes: the hidden rows read 3 times a tile (two logits matmuls, dW), the weight 5 times a
+    # token chunk (two logits matmuls, dH, dW's read and write), the logits 7 times (written twice, the
+    # forward pass, the gradient pass's read and write, dH, dW); the float32 dH read and written a tile
+    tiles, chunks = 3, 4
+    moved = 2 * (3 * n * h * tiles + 5 * v * h * chunks + 7 * n * v) + 2 * 4 * n * h * tiles
+    lo, hi = tile_sweep.model_ms(16, 128, case, "cuda", math.inf, 1e3)
+    assert lo == hi == pytest.approx(moved)
+    lo, hi = tile_sweep.model_ms(16, 128, case, "cuda", flops, 1e3)
+    assert hi == pytest.approx(moved + 4e3) and moved < lo < hi
+    with config.weight_grad_accumulation("float32"):  # a float32 dW moves twice the bytes
+        assert tile_sweep.model_ms(16, 128, case, "cuda", math.inf, 1e3)[0] == pytest.approx(moved + 4 * v * h * chunks)
+    monkeypatch.setattr(tile_sweep, "wide_addmm", lambda device, dtype: False)  # a bf16 dH product, written and read
+    assert tile_sweep.model_ms(16, 128, case, "cuda", math.inf, 1e3)[0] == pytest.approx(moved + 4 * n * h * tiles)
 
 
 def test_cuda_peak_is_measured_above_the_bytes_already_allocated(monkeypatch):

@@ -198,3 +198,22 @@ def test_ptxas_report_is_read_or_refused():
     for bad in ("ptxas info    : 11 bytes gmem\n", log.split("ptxas info    : Used")[0], unpaired):
         with pytest.raises(ValueError, match="no register and spill count"):
             ptxas_usage(bad)
+
+
+
+def test_from_logits_backward_stores_vectors_only_where_out_rows_align():
+    """On unaligned rows the backward's loads are 16-byte vectors either way (its split follows the
+    logits rows); its stores only when the output rows sit as the logits rows do (``OUT_ALIGNED``:
+    in place, say), else one element at a time, which is still correct. (Compiled in a process
+    without the interpreter, as the report is.)"""
+    script = ("import re; from nca_kernels import compile_check as cc; "
+              "from nca_kernels.backends.triton.logits import _backward; "
+              "from nca_kernels.backends.triton.tuning import HOPPER_ROW\n"
+              "for aligned in (True, False):\n"
+              "    ptx = cc.compile_one(_backward, HOPPER_ROW[0], 'bf16+odd', {'OUT_ALIGNED': aligned}).asm['ptx']\n"
+              "    print(aligned, cc.widest_load(ptx), bool(re.search(r'st\\.global(\\.\\w+)*\\.v4', ptx)))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "16", "True", "False", "16", "False"]

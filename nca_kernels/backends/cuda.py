@@ -63,7 +63,7 @@ def logits_forward(logits2d, index, targets):
 
 
 def logits_backward(logits2d, index, targets, lse, grad_tok, inplace):
-    if logits2d.dtype == torch.float64 or (inplace and logits2d.stride(-1) != 1):  # the kernels write unit strides
+    if torch_chunked.takes_logits_backward(logits2d, inplace):
         return torch_chunked.logits_backward(logits2d, index, targets, lse, grad_tok, inplace)
     return _extension().logits_backward(logits2d, index, targets, lse, grad_tok, inplace)
 

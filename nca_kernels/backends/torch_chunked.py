@@ -73,6 +73,13 @@ def cast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if x is None else x.to(dtype)
 
 
+def takes_logits_backward(logits2d: torch.Tensor, inplace: bool) -> bool:
+    """Whether these passes take a GPU backend's from-logits backward instead of its kernels: float64
+    (they have no float64 variant) or an in-place write to rows of non-unit column stride (they
+    write unit strides)."""
+    return logits2d.dtype == torch.float64 or (inplace and logits2d.stride(-1) != 1)
+
+
 def available(device: torch.device) -> str | None:
     return None
 

@@ -81,7 +81,7 @@ def logits_forward(logits2d, index, targets):
 
 
 def logits_backward(logits2d, index, targets, lse, grad_tok, inplace):
-    if logits2d.dtype == torch.float64 or (inplace and logits2d.stride(-1) != 1):
+    if torch_chunked.takes_logits_backward(logits2d, inplace):
         return torch_chunked.logits_backward(logits2d, index, targets, lse, grad_tok, inplace)
     return _logits.logits_backward(_contiguous_rows(logits2d), every_row(index, logits2d.shape[0], logits2d.device),
                                    targets, lse, grad_tok, inplace)
